@@ -1,0 +1,18 @@
+# Developer entry points; see README.md.
+PYTHON ?= python3
+DEBS = qemu-utils nbdkit libnbd-bin rpm
+
+.PHONY: deps test demo bench rpm
+
+# Everything the demo and the tests need: Python packages from PyPI and the
+# NBD servers/tools from Debian's packages (root needed for apt-get).
+deps:
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --root-user-action=ignore psutil python-daemon pytest hypothesis
+	@if ! command -v qemu-nbd >/dev/null || ! command -v nbdkit >/dev/null || ! command -v nbdcopy >/dev/null || ! command -v rpmbuild >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBS); fi
+
+test: deps
+	$(PYTHON) -m pytest -q
+
+demo: deps
+	PYTHON=$(PYTHON) sh tools/demo.sh

@@ -1,0 +1,49 @@
+"""Per-task and store log lines.
+
+Lines go to syslog when the machine has one (``/dev/log``), else to
+``logs/<id>.log`` (per task) or ``logs/store.log`` in the state directory.
+``TASK_SYSLOG=0`` or ``=1`` forces the choice. Logging never raises: a
+full disk must not turn a successful call into a failed one.
+"""
+
+import os
+import time
+
+IDENT = "xapi-storage-tasks"
+
+
+def _use_syslog():
+    forced = os.environ.get("TASK_SYSLOG")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return os.path.exists("/dev/log")
+
+
+def _emit(store, filename, line):
+    try:
+        if _use_syslog():
+            import syslog
+
+            syslog.openlog(IDENT, syslog.LOG_PID, syslog.LOG_DAEMON)
+            syslog.syslog(syslog.LOG_INFO, line)
+            return
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        data = ("%s %s[%d]: %s\n" % (stamp, IDENT, os.getpid(), line)).encode("utf-8", "replace")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(filename, flags, 0o600, dir_fd=store.dir_fd("logs"))
+        try:
+            os.write(fd, data)  # one O_APPEND write: lines from processes never interleave
+        finally:
+            os.close(fd)
+    except Exception:
+        pass
+
+
+def task_event(store, task, message):
+    """Log ``message`` for ``task`` with its id and debug context."""
+    _emit(store, task.id + ".log", "task=%s dbg=%s %s" % (task.id, task.debug_info, message))
+
+
+def store_event(store, message):
+    """Log something about the store as a whole (e.g. a corrupt file)."""
+    _emit(store, "store.log", message)

@@ -1,0 +1,35 @@
+"""The one list of methods this plugin serves.
+
+Everything that enumerates methods derives from :data:`METHODS` or is
+checked against it by ``tests/test_contract.py``: the executables in
+``bin/``, the dispatcher in :mod:`plugin.runner`, ``setup.cfg``'s scripts,
+and the RPM file list.
+
+Each entry: name -> (module, function, params, result kind). ``params``
+are (name, kind) pairs decoded by :func:`plugin.codec.decode_params`; the
+function receives them as keyword arguments and returns a value that
+:mod:`plugin.runner` encodes according to the result kind.
+"""
+
+TASK_ID = (("dbg", "str"), ("id", "task_id"))
+OPERATION = (("dbg", "str"), ("operation", "operation"))
+
+METHODS = {
+    "Task.stat": ("plugin.task_api", "stat", TASK_ID, "task"),
+    "Task.cancel": ("plugin.task_api", "cancel", TASK_ID, "unit"),
+    "Task.destroy": ("plugin.task_api", "destroy", TASK_ID, "unit"),
+    "Task.ls": ("plugin.task_api", "ls", (("dbg", "str"),), "id_list"),
+}
+
+
+def lookup(name):
+    """The registered method called ``name`` (case-insensitively, as the
+    toolstack looks executables up), as ``(canonical name, entry)``, or
+    None."""
+    if name in METHODS:
+        return name, METHODS[name]
+    folded = name.lower()
+    for key, entry in METHODS.items():
+        if key.lower() == folded:
+            return key, entry
+    return None

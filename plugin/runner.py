@@ -1,0 +1,149 @@
+"""The executable boundary: argv and stdin in, one JSON value out.
+
+Every ``bin/Interface.method`` executable is a link to one dispatcher that
+calls :func:`main`; the method is the executable's name, looked up in
+:mod:`plugin.registry`. This is the one place where exceptions become the
+XAPI error record (exit status 1) and where the calling modes differ:
+
+``NAME --json``      stdin holds the params object; stdout the bare result.
+``NAME < req.json``  stdin holds a JSON-RPC request (or a bare params
+                     object); stdout the JSON-RPC response (or bare result).
+``NAME ARG...``      positional arguments in the registry's order.
+"""
+
+import json
+import os
+import sys
+
+from plugin import codec, registry
+from plugin.errors import InternalError, InvalidArguments, PluginError, Unimplemented
+
+MAX_INPUT = 1 << 20
+
+
+def _reject_constant(name):
+    raise ValueError("%s is not valid JSON" % name)
+
+
+def parse_json(data):
+    """Strict JSON from bytes: UTF-8 only, no NaN/Infinity, at most 1 MiB."""
+    if len(data) > MAX_INPUT:
+        raise InvalidArguments("input is larger than %d bytes" % MAX_INPUT)
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError as e:
+        raise InvalidArguments("input is not UTF-8: %s" % e.reason)
+    except ValueError as e:
+        raise InvalidArguments("input is not valid JSON: %s" % e)
+
+
+def _read_stdin():
+    return parse_json(sys.stdin.buffer.read(MAX_INPUT + 1))
+
+
+def call(name, params):
+    """Run registered method ``name`` on a params object; return its wire
+    result. Raises PluginError subclasses for every failure the caller
+    should see. Shared with the socket daemon."""
+    found = registry.lookup(name)
+    if found is None:
+        raise Unimplemented(name)
+    _, (module, function, spec, kind) = found
+    kwargs = codec.decode_params(spec, params)
+    impl = getattr(__import__(module, fromlist=[function]), function)
+    return codec.encode_result(kind, impl(**kwargs))
+
+
+def as_plugin_error(exc):
+    """Any exception as a PluginError: unexpected ones become
+    Internal_error, keeping the original traceback for the record."""
+    if isinstance(exc, PluginError):
+        return exc
+    wrapped = InternalError("%s: %s" % (type(exc).__name__, exc))
+    wrapped.__traceback__ = exc.__traceback__
+    return wrapped
+
+
+def _positional(name, spec, args):
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # a usage error is bad input like any other
+            raise InvalidArguments("%s (try %s --help)" % (message, name))
+
+    parser = Parser(
+        prog=name,
+        description="XAPI storage plugin method %s. With --json as the only argument, the params "
+        "object is read from stdin; with no arguments, a JSON-RPC request." % name,
+    )
+    for pname, kind in spec:
+        parser.add_argument(pname, help="%s (%s%s)" % (pname, kind, ", as JSON" if kind not in ("str", "task_id") else ""))
+    ns = parser.parse_args(args)
+    params = {}
+    for pname, kind in spec:
+        value = getattr(ns, pname)
+        params[pname] = value if kind in ("str", "task_id") else parse_json(value.encode())
+    return params
+
+
+def _emit(value):
+    sys.stdout.write(json.dumps(value) + "\n")
+    sys.stdout.flush()
+
+
+def main(argv=None):
+    """Run one method call as an executable; returns the exit status."""
+    argv = sys.argv if argv is None else argv
+    name = os.path.basename(argv[0])
+    args = argv[1:]
+    envelope = None
+    try:
+        found = registry.lookup(name)
+        if found is None:
+            raise Unimplemented(name)
+        name, (_, _, spec, _) = found
+        if args == ["--json"]:
+            params = _read_stdin()
+        elif not args:
+            params = _read_stdin()
+            if codec.is_envelope(params):
+                envelope = params
+                method, params, _, _ = codec.decode_request(params)
+                if method.lower() != name.lower():
+                    raise InvalidArguments("request for %s sent to the %s executable" % (method, name))
+        else:
+            params = _positional(name, spec, args)
+        result = call(name, params)
+        if envelope is not None:
+            result = codec.encode_response(result, envelope.get("id"), envelope.get("jsonrpc") == "2.0")
+        _emit(result)
+        return 0
+    except SystemExit:
+        raise  # argparse's --help
+    except BaseException as exc:  # the one boundary: nothing escapes as a traceback
+        if isinstance(exc, KeyboardInterrupt):
+            exc = InternalError("interrupted")
+        error = as_plugin_error(exc)
+        record = codec.error_record(error, codec.traceback_frames(error))
+        if envelope is not None:
+            record = codec.encode_error_response(record, envelope.get("id"), envelope.get("jsonrpc") == "2.0")
+        _emit(record)
+        sys.stderr.write("%s: %s\n" % (name, error))
+        if not isinstance(exc, PluginError):
+            _log_traceback(name, exc)
+        return 1
+
+
+def _log_traceback(name, exc):
+    """The traceback of an unexpected error goes to the log, not the wire."""
+    import traceback
+
+    try:
+        from plugin import log
+        from plugin.store import Store
+
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        with Store() as store:
+            log.store_event(store, "%s failed unexpectedly:\n%s" % (name, text))
+    except Exception:
+        pass

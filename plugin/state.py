@@ -1,0 +1,105 @@
+"""Task state: a small closed type and the table of allowed transitions.
+
+A task is ``Pending(progress)``, ``Completed(duration, result)`` or
+``Failed(message)``. Only :func:`plugin.store.Store.transition` applies
+transitions, and it asks :func:`check` first.
+"""
+
+import math
+
+
+class State:
+    """Base of the three states; not instantiated directly."""
+
+    __slots__ = ()
+    terminal = False
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash((type(self), self._key()))
+
+    def __repr__(self):
+        return "%s%r" % (type(self).__name__, self._key())
+
+
+class Pending(State):
+    """Running; ``progress`` is a float in [0, 1]."""
+
+    __slots__ = ("progress",)
+
+    def __init__(self, progress=0.0):
+        progress = float(progress)
+        if not math.isfinite(progress):
+            raise ValueError("progress must be a finite number")
+        self.progress = min(1.0, max(0.0, progress))
+
+    def _key(self):
+        return (self.progress,)
+
+
+class Completed(State):
+    """Finished successfully after ``duration`` seconds.
+
+    ``result`` is the operation's async result as its wire value (e.g.
+    ``["UnitResult", None]``) or None when the operation reports none.
+    """
+
+    __slots__ = ("duration", "result")
+    terminal = True
+
+    def __init__(self, duration, result=None):
+        duration = float(duration)
+        if not math.isfinite(duration) or duration < 0:
+            raise ValueError("duration must be a non-negative number")
+        self.duration = duration
+        self.result = result
+
+    def _key(self):
+        return (self.duration, repr(self.result))
+
+
+class Failed(State):
+    """Finished unsuccessfully; ``message`` says why (``Cancelled`` for a
+    cancelled task)."""
+
+    __slots__ = ("message",)
+    terminal = True
+
+    def __init__(self, message):
+        self.message = str(message)
+
+    def _key(self):
+        return (self.message,)
+
+
+CANCELLED = "Cancelled"
+
+# The only transitions there are: a finished task never changes again.
+ALLOWED = frozenset(
+    {
+        (Pending, Pending),
+        (Pending, Completed),
+        (Pending, Failed),
+    }
+)
+
+
+class TransitionRefused(Exception):
+    """The transition is not in :data:`ALLOWED`."""
+
+
+def check(old, new):
+    """Return the state to store for ``old -> new`` or raise
+    :class:`TransitionRefused`.
+
+    Progress never goes backwards: a lower progress keeps the old value.
+    """
+    if (type(old), type(new)) not in ALLOWED:
+        raise TransitionRefused(
+            "%s -> %s is not allowed" % (type(old).__name__, type(new).__name__)
+        )
+    if isinstance(new, Pending) and new.progress < old.progress:
+        return old
+    return new

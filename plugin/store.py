@@ -1,0 +1,292 @@
+"""The durable file-per-task state store.
+
+Layout of the state directory (mode 0700, files 0600)::
+
+    tasks/<id>.json   the task record (see plugin.task), replaced atomically
+    locks/<id>        per-task lock file (flock; the kernel drops it if the
+                      holder dies)
+    pending/<id>      empty marker while the task is Pending, so reconciling
+                      live tasks costs nothing per finished task
+    logs/<id>.log     per-task log when there is no syslog
+
+Every directory is opened relative to the root with O_NOFOLLOW, so symlinks
+planted inside the store are never followed. Every write goes to a
+temporary sibling, is fsynced, renamed over the old file and the directory
+is fsynced: a reader sees the old file or the new one, never part of one,
+whatever instant a writer dies at.
+
+State changes go through :meth:`Store.transition` only, which applies the
+table in :mod:`plugin.state`; :meth:`Store.annotate` changes the private
+fields and refuses to touch the state.
+"""
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import stat
+import time
+
+from plugin import ids
+from plugin.errors import InternalError, StateDirInvalid, TaskCorrupt, TaskDoesNotExist, TaskInProgress
+from plugin.state import Pending, check
+from plugin.task import Task
+
+APP = "xapi-storage-tasks"
+ENV = "TASK_STATE_DIR"
+MAX_TASK_FILE = 1 << 20
+
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def default_path():
+    """``$TASK_STATE_DIR``; else ``/run/xapi-storage-tasks`` for root, the
+    user's runtime directory otherwise (``/tmp/xapi-storage-tasks-UID`` as
+    a last resort; ownership is checked, so nobody else can pre-create it)."""
+    env = os.environ.get(ENV)
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/run/" + APP
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(runtime) and os.path.isdir(runtime):
+        return os.path.join(runtime, APP)
+    return "/tmp/%s-%d" % (APP, os.geteuid())
+
+
+def _check_dir(fd, path):
+    st = os.fstat(fd)
+    if not stat.S_ISDIR(st.st_mode):
+        raise StateDirInvalid(path, "not a directory")
+    if st.st_uid != os.geteuid():
+        raise StateDirInvalid(path, "owned by uid %d, not by uid %d" % (st.st_uid, os.geteuid()))
+    if st.st_mode & 0o022:
+        raise StateDirInvalid(path, "writable by group or others (mode %o)" % (st.st_mode & 0o777))
+
+
+def _open_dir(name, dir_fd=None, label=None):
+    """Open (creating with 0700 if needed) a directory, never via a symlink."""
+    label = label or name
+    for attempt in (1, 2):
+        try:
+            fd = os.open(name, _O_DIR, dir_fd=dir_fd)
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise StateDirInvalid(label, "vanished while being created")
+            try:
+                if dir_fd is None:
+                    os.makedirs(name, mode=0o700, exist_ok=True)
+                else:
+                    os.mkdir(name, 0o700, dir_fd=dir_fd)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise StateDirInvalid(label, "cannot create: %s" % e.strerror)
+        except OSError as e:
+            why = "is a symlink" if e.errno == errno.ELOOP else e.strerror
+            raise StateDirInvalid(label, why)
+    try:
+        _check_dir(fd, label)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _unlink(name, dir_fd):
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
+class Store:
+    """A state directory. Cheap to open: one directory per method call."""
+
+    def __init__(self, path=None):
+        self.path = os.path.abspath(path or default_path())
+        self._root = _open_dir(self.path)
+        self._dirs = {}
+
+    def close(self):
+        """Release the directory descriptors."""
+        for fd in [self._root, *self._dirs.values()]:
+            os.close(fd)
+        self._dirs.clear()
+        self._root = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def dir_fd(self, name):
+        """Descriptor of subdirectory ``name`` (tasks, locks, pending, logs)."""
+        fd = self._dirs.get(name)
+        if fd is None:
+            fd = self._dirs[name] = _open_dir(name, self._root, os.path.join(self.path, name))
+        return fd
+
+    # -- reading ------------------------------------------------------------
+
+    def ids(self):
+        """Every task id, oldest first (ids sort by creation time)."""
+        names = os.listdir(self.dir_fd("tasks"))
+        out = [n[:-5] for n in names if n[0] != "." and n.endswith(".json")]
+        out.sort()
+        return out
+
+    def pending_ids(self):
+        """Ids marked Pending: the only tasks that can need reconciling."""
+        return sorted(os.listdir(self.dir_fd("pending")))
+
+    def get(self, task_id):
+        """Read one task. Raises TaskDoesNotExist or TaskCorrupt."""
+        try:
+            fd = os.open(task_id + ".json", _O_READ, dir_fd=self.dir_fd("tasks"))
+        except FileNotFoundError:
+            raise TaskDoesNotExist(task_id)
+        except OSError as e:
+            raise self._corrupt(task_id, "cannot open its file: %s" % e.strerror)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise self._corrupt(task_id, "its file is not a regular file")
+            data = os.read(fd, MAX_TASK_FILE + 1)
+        finally:
+            os.close(fd)
+        try:
+            if len(data) > MAX_TASK_FILE:
+                raise ValueError("file larger than %d bytes" % MAX_TASK_FILE)
+            task = Task.from_disk(json.loads(data.decode("utf-8")))
+            if task.id != task_id:
+                raise ValueError("file holds id %r" % task.id)
+        except ValueError as e:  # includes JSON and UTF-8 errors
+            raise self._corrupt(task_id, str(e))
+        return task
+
+    def _corrupt(self, task_id, why):
+        from plugin import log
+
+        log.store_event(self, "task %s is corrupt: %s" % (task_id, why))
+        return TaskCorrupt(task_id, why)
+
+    # -- writing ----------------------------------------------------------
+
+    def _write(self, task):
+        d = self.dir_fd("tasks")
+        data = json.dumps(task.to_disk(), separators=(",", ":")).encode()
+        tmp = ".%s.%s.tmp" % (task.id, os.urandom(4).hex())
+        try:
+            fd = os.open(tmp, _O_NEW, 0o600, dir_fd=d)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, task.id + ".json", src_dir_fd=d, dst_dir_fd=d)
+        except OSError as e:
+            _unlink(tmp, d)
+            raise InternalError("cannot write task %s: %s" % (task.id, e.strerror or e))
+        os.fsync(d)
+
+    @contextlib.contextmanager
+    def _locked(self, task_id):
+        locks = self.dir_fd("locks")
+        try:
+            fd = os.open(task_id, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=locks)
+        except FileNotFoundError:
+            # Only damage removes a lock file while the task file remains.
+            self.get(task_id)
+            fd = os.open(task_id, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=locks)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_nlink == 0:  # destroyed while we waited
+                raise TaskDoesNotExist(task_id)
+            yield
+        finally:
+            os.close(fd)
+
+    def create(self, debug_info, operation=None):
+        """Create a Pending(0.0) task and return it (the API for workers and
+        tests). ``operation`` is stored as given, e.g. ``{"kind": "CopyV1",
+        "args": {...}}``."""
+        now_ns = time.time_ns()
+        task = Task(ids.new_id(now_ns), debug_info, now_ns / 1e9, Pending(0.0), operation=operation)
+        locks, pending = self.dir_fd("locks"), self.dir_fd("pending")
+        fd = os.open(task.id, _O_NEW, 0o600, dir_fd=locks)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.close(os.open(task.id, _O_NEW, 0o600, dir_fd=pending))
+            self._write(task)
+        except BaseException:
+            _unlink(task.id, pending)
+            _unlink(task.id, locks)
+            raise
+        finally:
+            os.close(fd)
+        return task
+
+    def transition(self, task_id, decide):
+        """The one function that changes a task's state.
+
+        Under the task's lock, ``decide(task)`` returns the new state, or
+        None to leave the task alone; it may also set the task's private
+        fields (e.g. clear ``artifacts`` it has removed). The change must be
+        in :data:`plugin.state.ALLOWED`, else
+        :class:`plugin.state.TransitionRefused` is raised and nothing is
+        written. Returns the task as stored afterwards.
+        """
+        with self._locked(task_id):
+            task = self.get(task_id)
+            new = decide(task)
+            if new is None:
+                return task
+            task.state = check(task.state, new)
+            task.updated = time.time()
+            self._write(task)
+        if task.state.terminal:
+            _unlink(task_id, self.dir_fd("pending"))
+        return task
+
+    def annotate(self, task_id, mutate):
+        """Change a task's private fields under its lock: ``mutate(task)``
+        edits them in place. Changing the state here is refused."""
+        with self._locked(task_id):
+            task = self.get(task_id)
+            before = task.state
+            mutate(task)
+            if task.state is not before:
+                raise InternalError("annotate may not change the state of %s" % task_id)
+            self._write(task)
+        return task
+
+    def destroy(self, task_id):
+        """Remove every file of a finished (or unreadable) task.
+
+        Raises TaskInProgress for a Pending task, TaskDoesNotExist for an
+        unknown one.
+        """
+        with self._locked(task_id):
+            try:
+                task = self.get(task_id)
+            except TaskCorrupt:
+                task = None  # removing it is the only way out for the operator
+            if task is not None and not task.state.terminal:
+                raise TaskInProgress(task_id)
+            tasks = self.dir_fd("tasks")
+            _unlink(task_id + ".json", tasks)
+            _unlink(task_id, self.dir_fd("pending"))
+            _unlink(task_id + ".log", self.dir_fd("logs"))
+            _unlink(task_id, self.dir_fd("locks"))
+            os.fsync(tasks)
+
+    def forget_marker(self, task_id):
+        """Drop a stale Pending marker (its task finished or never existed)."""
+        _unlink(task_id, self.dir_fd("pending"))

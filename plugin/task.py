@@ -1,0 +1,93 @@
+"""The task record as stored on disk: the wire fields plus private ones.
+
+One plain, versioned JSON object per task (never pickle):
+
+``version``      format version (:data:`VERSION`)
+``id``, ``debug_info``, ``ctime``, ``state``   the wire record
+``updated``      time of the last write; a worker's heartbeat
+``operation``    what the task runs, e.g. ``{"kind": "CopyV1", "args": {...}}``
+``worker``       the worker's identity (see :mod:`plugin.proc`) or null
+``cancel``       time a cancel was requested, or null
+``artifacts``    paths the operation may have created and that must be
+                 removed if it does not complete
+"""
+
+from plugin import codec
+
+VERSION = 1
+
+
+class Task:
+    """One task; ``state`` is a :mod:`plugin.state` value."""
+
+    __slots__ = (
+        "id",
+        "debug_info",
+        "ctime",
+        "state",
+        "updated",
+        "operation",
+        "worker",
+        "cancel",
+        "artifacts",
+    )
+
+    def __init__(self, id, debug_info, ctime, state, updated=None, operation=None,
+                 worker=None, cancel=None, artifacts=()):
+        self.id = id
+        self.debug_info = debug_info
+        self.ctime = float(ctime)
+        self.state = state
+        self.updated = float(ctime if updated is None else updated)
+        self.operation = operation
+        self.worker = worker
+        self.cancel = cancel
+        self.artifacts = list(artifacts)
+
+    @property
+    def kind(self):
+        """The operation's kind (``"CopyV1"``...) or None for a plain task."""
+        return self.operation.get("kind") if self.operation else None
+
+    def to_disk(self):
+        """The JSON object written to the task's file."""
+        return {
+            "version": VERSION,
+            "id": self.id,
+            "debug_info": self.debug_info,
+            "ctime": self.ctime,
+            "state": codec.encode_state(self.state),
+            "updated": self.updated,
+            "operation": self.operation,
+            "worker": self.worker,
+            "cancel": self.cancel,
+            "artifacts": self.artifacts,
+        }
+
+    @classmethod
+    def from_disk(cls, obj):
+        """Parse a task file's JSON; raises ValueError naming what is wrong."""
+        if not isinstance(obj, dict):
+            raise ValueError("not a JSON object")
+        if obj.get("version") != VERSION:
+            raise ValueError("unsupported format version %r" % (obj.get("version"),))
+        for key, types in (("id", str), ("debug_info", str), ("ctime", (int, float)),
+                           ("updated", (int, float)), ("artifacts", list)):
+            if not isinstance(obj.get(key), types):
+                raise ValueError("field %r is missing or mistyped" % key)
+        for key in ("operation", "worker"):
+            if obj.get(key) is not None and not isinstance(obj[key], dict):
+                raise ValueError("field %r is mistyped" % key)
+        if not all(isinstance(a, str) for a in obj["artifacts"]):
+            raise ValueError("field 'artifacts' must hold paths")
+        return cls(
+            obj["id"],
+            obj["debug_info"],
+            obj["ctime"],
+            codec.decode_state(obj.get("state")),
+            updated=obj["updated"],
+            operation=obj.get("operation"),
+            worker=obj.get("worker"),
+            cancel=obj.get("cancel"),
+            artifacts=obj["artifacts"],
+        )

@@ -1,0 +1,160 @@
+"""The state store: transitions, atomic durable writes, locking, layout."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import ROOT
+from plugin import store as store_mod
+from plugin.errors import InternalError, TaskDoesNotExist
+from plugin.state import Completed, Failed, Pending, TransitionRefused
+from plugin.store import Store
+
+
+def test_create_then_transitions_follow_the_table(store):
+    task = store.create("d", operation={"kind": "test", "args": {}})
+    assert task.state == Pending(0.0)
+    assert store.transition(task.id, lambda t: Pending(0.5)).state == Pending(0.5)
+    # progress never goes backwards
+    assert store.transition(task.id, lambda t: Pending(0.2)).state == Pending(0.5)
+    assert store.transition(task.id, lambda t: Completed(2.0)).state == Completed(2.0)
+    for later in (Pending(0.9), Failed("x"), Completed(3.0)):
+        with pytest.raises(TransitionRefused):
+            store.transition(task.id, lambda t: later)
+    assert store.get(task.id).state == Completed(2.0)
+    assert store.pending_ids() == []
+
+
+def test_annotate_cannot_change_state(store):
+    task = store.create("d")
+
+    def sneaky(t):
+        t.state = Completed(1.0)
+
+    with pytest.raises(InternalError):
+        store.annotate(task.id, sneaky)
+    assert store.get(task.id).state == Pending(0.0)
+    store.annotate(task.id, lambda t: t.artifacts.append("/tmp/x"))
+    assert store.get(task.id).artifacts == ["/tmp/x"]
+
+
+def test_modes_of_directory_and_files(store, state_dir):
+    task = store.create("d")
+    assert stat.S_IMODE(os.stat(state_dir).st_mode) == 0o700
+    for sub in ("tasks", "locks", "pending"):
+        assert stat.S_IMODE(os.stat(state_dir / sub).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(state_dir / "tasks" / (task.id + ".json")).st_mode) == 0o600
+    on_disk = json.loads((state_dir / "tasks" / (task.id + ".json")).read_text())
+    assert on_disk["version"] == 1 and on_disk["state"] == ["Pending", 0.0]
+
+
+def test_symlinks_inside_the_store_are_not_followed(store, state_dir, tmp_path):
+    outside = tmp_path / "outside.json"
+    task = store.create("d")
+    real = state_dir / "tasks" / (task.id + ".json")
+    outside.write_text(real.read_text())
+    real.unlink()
+    real.symlink_to(outside)
+    from plugin.errors import TaskCorrupt
+
+    with pytest.raises(TaskCorrupt):
+        store.get(task.id)
+    (state_dir / "logs").rename(tmp_path / "logs-elsewhere")
+    (state_dir / "logs").symlink_to(tmp_path / "logs-elsewhere")
+    from plugin.errors import StateDirInvalid
+
+    with Store(str(state_dir)) as fresh, pytest.raises(StateDirInvalid):
+        fresh.dir_fd("logs")
+
+
+def test_destroy_removes_every_file(store, state_dir):
+    from plugin import log
+
+    task = store.create("d")
+    log.task_event(store, task, "hello")
+    store.transition(task.id, lambda t: Failed("boom"))
+    store.destroy(task.id)
+    leftovers = [p for p in state_dir.rglob("*") if task.id in p.name]
+    assert leftovers == []
+    with pytest.raises(TaskDoesNotExist):
+        store.destroy(task.id)
+
+
+def test_failed_write_keeps_the_previous_file(store, state_dir, monkeypatch):
+    import errno
+
+    task = store.create("d")
+    store.transition(task.id, lambda t: Pending(0.25))
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(store_mod.os, "write", full)
+    with pytest.raises(InternalError, match="No space left"):
+        store.transition(task.id, lambda t: Pending(0.75))
+    monkeypatch.undo()
+    assert store.get(task.id).state == Pending(0.25)
+    assert [p.name for p in (state_dir / "tasks").iterdir()] == [task.id + ".json"]
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    from plugin.store import Store
+    from plugin.state import Pending
+    s = Store(sys.argv[2])
+    for i in range(1, int(sys.argv[4]) + 1):
+        s.transition(sys.argv[3], lambda t, i=i: Pending(i / 1e6))
+    """
+)
+
+
+def test_readers_never_see_a_partial_file(store, state_dir):
+    task = store.create("d" * 5000)  # a bigger file makes torn reads likelier
+    writes = 400
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, ROOT, str(state_dir), task.id, str(writes)])
+    seen, reads = set(), 0
+    path = state_dir / "tasks" / (task.id + ".json")
+    try:
+        while writer.poll() is None or reads == 0:
+            obj = json.loads(path.read_bytes())  # raises on a torn file
+            seen.add(obj["state"][1])
+            reads += 1
+    finally:
+        writer.wait()
+    assert writer.returncode == 0
+    assert reads > 10 and len(seen) > 1
+    assert store.get(task.id).state == Pending(writes / 1e6)
+
+
+def test_concurrent_transitions_are_serialized(store, state_dir):
+    task = store.create("d")
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        from plugin.store import Store
+        s = Store(sys.argv[2])
+        for _ in range(50):
+            s.annotate(sys.argv[3], lambda t: t.artifacts.append("x"))
+        """
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code, ROOT, str(state_dir), task.id]) for _ in range(4)]
+    assert [p.wait() for p in procs] == [0] * 4
+    assert len(store.get(task.id).artifacts) == 200  # no lost update
+
+
+def test_default_path_uses_env_then_runtime_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("TASK_STATE_DIR", str(tmp_path / "x"))
+    assert store_mod.default_path() == str(tmp_path / "x")
+    monkeypatch.delenv("TASK_STATE_DIR")
+    if os.geteuid() == 0:
+        assert store_mod.default_path() == "/run/xapi-storage-tasks"
+    else:
+        assert store_mod.default_path().endswith("xapi-storage-tasks") or "xapi-storage-tasks-" in store_mod.default_path()
