@@ -288,5 +288,27 @@ class Store:
             os.fsync(tasks)
 
     def forget_marker(self, task_id):
-        """Drop a stale Pending marker (its task finished or never existed)."""
+        """Drop the Pending marker of a finished task."""
         _unlink(task_id, self.dir_fd("pending"))
+
+    def forget_stale_marker(self, task_id, age):
+        """Remove the marker and lock left by a ``create`` that died before
+        writing the task file, once the marker is ``age`` seconds old and no
+        creator holds the lock."""
+        pending, locks = self.dir_fd("pending"), self.dir_fd("locks")
+        try:
+            if time.time() - os.stat(task_id, dir_fd=pending, follow_symlinks=False).st_mtime < age:
+                return
+            fd = os.open(task_id, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=locks)
+        except FileNotFoundError:
+            _unlink(task_id, pending)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not os.path.exists(os.path.join(self.path, "tasks", task_id + ".json")):
+                _unlink(task_id, pending)
+                _unlink(task_id, locks)
+        except BlockingIOError:
+            pass  # a create is still in progress
+        finally:
+            os.close(fd)

@@ -1,29 +1,38 @@
 """The Task interface: ``Task.stat``, ``Task.cancel``, ``Task.destroy``,
 ``Task.ls``. Each function takes the decoded params and returns a value for
-the codec; errors are raised as :mod:`plugin.errors` exceptions."""
+the codec; errors are raised as :mod:`plugin.errors` exceptions. Every call
+first makes Pending tasks true to their workers (:mod:`plugin.lifecycle`)."""
 
+from plugin import lifecycle
+from plugin.errors import TaskCorrupt
 from plugin.store import Store
 
 
 def stat(dbg, id):
     """The task's record."""
     with Store() as store:
-        return store.get(id)
+        return lifecycle.reconcile(store, id)
 
 
 def cancel(dbg, id):
-    """Best-effort cancellation; returns at once."""
+    """Best-effort cancellation; returns at once. A no-op for a finished
+    task."""
     with Store() as store:
-        store.get(id)
+        lifecycle.request_cancel(store, id)
 
 
 def destroy(dbg, id):
-    """Remove every trace of a finished task."""
+    """Remove every trace of a finished task; refuses a Pending one."""
     with Store() as store:
+        try:
+            lifecycle.reconcile(store, id)  # a dead worker's task becomes destroyable
+        except TaskCorrupt:
+            pass  # unreadable: destroying it is the operator's way out
         store.destroy(id)
 
 
 def ls(dbg):
     """Every task id, oldest first."""
     with Store() as store:
+        lifecycle.reconcile_pending(store)
         return store.ids()

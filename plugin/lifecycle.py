@@ -1,0 +1,147 @@
+"""What every call does to keep tasks truthful: reconcile a Pending task
+with its worker, request cancellation, and undo an operation's artifacts.
+
+Used by ``Task.*`` and ``Data.*`` alike. The rules:
+
+- A Pending task whose worker is gone (pid absent, reused, a zombie, or
+  recorded under another boot id) becomes Failed: ``Cancelled`` if a cancel
+  was requested, else ``Worker lost: ...``. Its artifacts are removed.
+- A Pending task that never got a worker identity within
+  :data:`START_TIMEOUT` seconds is treated the same way.
+- A worker still alive :func:`grace` seconds after a cancel request is
+  killed with SIGKILL, then handled as gone.
+"""
+
+import os
+import signal
+import time
+
+from plugin import log, proc
+from plugin.errors import TaskCorrupt, TaskDoesNotExist
+from plugin.state import CANCELLED, Failed
+
+START_TIMEOUT = 30.0
+GRACE_ENV = "TASK_CANCEL_GRACE"
+DEFAULT_GRACE = 5.0
+
+
+def grace():
+    """Seconds a worker has to honour SIGTERM before SIGKILL
+    (``$TASK_CANCEL_GRACE``, default 5)."""
+    try:
+        value = float(os.environ.get(GRACE_ENV, DEFAULT_GRACE))
+    except ValueError:
+        return DEFAULT_GRACE
+    return value if value >= 0 else DEFAULT_GRACE
+
+
+def remove_artifacts(paths):
+    """Remove declared artifacts, newest first; missing ones are fine.
+    Returns the ``(path, error)`` pairs that could not be removed."""
+    failures = []
+    for path in reversed(paths):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except IsADirectoryError:
+            try:
+                os.rmdir(path)
+            except OSError as e:
+                failures.append((path, e.strerror))
+        except OSError as e:
+            failures.append((path, e.strerror))
+    return failures
+
+
+def fail_and_undo(store, task, message):
+    """Under the task's lock (inside a ``transition`` decide callback):
+    remove the task's artifacts and return the Failed state to store."""
+    for path, why in remove_artifacts(task.artifacts):
+        log.task_event(store, task, "could not remove artifact %s: %s" % (path, why))
+    task.artifacts = []
+    log.task_event(store, task, "failed: %s" % message)
+    return Failed(message)
+
+
+def _needs_action(task, now):
+    if task.state.terminal:
+        return False
+    worker = task.worker
+    if worker is None:
+        return now - task.ctime >= START_TIMEOUT
+    if not proc.matches(worker):
+        return True
+    return task.cancel is not None and now - task.cancel >= grace()
+
+
+def _decide(store):
+    def decide(task):
+        now = time.time()
+        if not _needs_action(task, now):
+            return None
+        worker = task.worker
+        if worker is not None and proc.matches(worker):
+            # Overdue after a cancel: SIGKILL cannot be ignored.
+            log.task_event(store, task, "worker pid %d ignored SIGTERM for %.1fs: SIGKILL" % (worker["pid"], now - task.cancel))
+            proc.signal_worker(worker, signal.SIGKILL)
+            if not proc.wait_gone(worker, 2.0):
+                return None
+        if task.cancel is not None:
+            message = CANCELLED
+        elif worker is None:
+            message = "Worker lost: it never started"
+        else:
+            message = "Worker lost: process %s is gone" % worker.get("pid")
+        return fail_and_undo(store, task, message)
+
+    return decide
+
+
+def reconcile(store, task_id):
+    """Return the task, first making its state true to its worker's."""
+    task = store.get(task_id)
+    if not _needs_action(task, time.time()):
+        return task
+    return store.transition(task_id, _decide(store))
+
+
+def reconcile_pending(store):
+    """Reconcile every task marked Pending (for ``ls``); drop stale
+    markers. Unreadable tasks are left for ``stat`` to report."""
+    for task_id in store.pending_ids():
+        try:
+            if reconcile(store, task_id).state.terminal:
+                store.forget_marker(task_id)
+        except TaskDoesNotExist:
+            store.forget_stale_marker(task_id, START_TIMEOUT)
+        except TaskCorrupt:
+            pass
+
+
+def request_cancel(store, task_id):
+    """Durably mark the cancel request, then SIGTERM the verified worker.
+    A finished task is left alone. Returns the task."""
+    task = reconcile(store, task_id)
+    if task.state.terminal:
+        return task
+    first = task.cancel is None
+
+    def mark(t):
+        if t.cancel is None:
+            t.cancel = time.time()
+
+    if first:
+        task = store.annotate(task_id, mark)
+    if task.worker is None:
+        log.task_event(store, task, "cancel requested before the worker started")
+        return task  # the worker honours it as soon as it records itself
+    signalled = proc.signal_worker(task.worker, signal.SIGTERM)
+    log.task_event(store, task, "cancel requested: SIGTERM to pid %s %s" % (task.worker.get("pid"), "sent" if signalled else "not sent (worker gone)"))
+    if not signalled:
+        return reconcile(store, task_id)
+    if first:
+        from plugin import worker
+
+        worker.spawn_escalator(store.path, task_id, grace())
+    return task

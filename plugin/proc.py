@@ -1,0 +1,134 @@
+"""Process identity, and signals that only ever reach the recorded worker.
+
+An identity is a plain dict, stored in the task file::
+
+    {"pid": 4242, "start": 81234567, "pgid": 4242, "boot_id": "2305cddd-..."}
+
+``start`` is the process start time in clock ticks since boot (field 22 of
+``/proc/PID/stat``): together with the boot id it tells a live worker from
+a process that reused its pid, or from a pid recorded before a reboot.
+Everything here reads ``/proc`` directly, so it is cheap enough for every
+``Task.stat``.
+"""
+
+import os
+import select
+import signal
+import time
+
+_BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_id():
+    """This boot's id."""
+    with open(_BOOT_ID_PATH) as f:
+        return f.read().strip()
+
+
+def _stat_fields(pid):
+    """Fields 3.. of /proc/PID/stat (state first), or None if no such
+    process. The command name may hold spaces and parentheses, so split
+    after the last ')'."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return data[data.rindex(b")") + 2:].split()
+
+
+def identity(pid=None):
+    """The identity of ``pid`` (default: this process), or None if it is
+    gone."""
+    pid = os.getpid() if pid is None else pid
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
+    return {"pid": pid, "start": int(fields[19]), "pgid": int(fields[2]), "boot_id": boot_id()}
+
+
+def _well_formed(ident):
+    try:
+        return (
+            all(type(ident[k]) is int for k in ("pid", "start", "pgid"))
+            and isinstance(ident["boot_id"], str)
+            and ident["pid"] > 1
+            and ident["pgid"] > 1
+        )
+    except (KeyError, TypeError):
+        return False
+
+
+def matches(ident):
+    """True when ``ident`` names a live process of this boot, whose pid has
+    not been reused (same start time) and which is not a zombie."""
+    if not _well_formed(ident) or ident["boot_id"] != boot_id():
+        return False
+    fields = _stat_fields(ident["pid"])
+    return fields is not None and fields[0] not in (b"Z", b"X") and int(fields[19]) == ident["start"]
+
+
+def _refused(ident):
+    """Why ``ident`` must never be signalled, or None."""
+    if not _well_formed(ident):
+        return "malformed identity"
+    if ident["pid"] == os.getpid() or ident["pgid"] in (os.getpgrp(), os.getpid()):
+        return "identity names the caller itself"
+    if ident["pid"] != ident["pgid"]:
+        return "worker does not lead its own process group"
+    return None
+
+
+def signal_worker(ident, sig):
+    """Send ``sig`` to the worker's process group, only if ``ident`` still
+    names the same live process. Returns True if it was signalled.
+
+    With a pidfd the identity check and the signal to the leader hit the same
+    process even if the pid is recycled in between; the rest of the group is
+    signalled only while that leader is alive (a group id cannot be reused
+    while its leader lives).
+    """
+    if _refused(ident) is not None:
+        return False
+    pid = ident["pid"]
+    pidfd = None
+    if hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal"):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pidfd = None  # kernel without pidfds: fall back to the check alone
+    try:
+        if not matches(ident):
+            return False
+        try:
+            if pidfd is not None:
+                signal.pidfd_send_signal(pidfd, sig)
+            else:
+                os.kill(pid, sig)
+            if pidfd is None or not _exited(pidfd, 0):
+                os.killpg(ident["pgid"], sig)
+        except ProcessLookupError:
+            return False
+        return True
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _exited(pidfd, timeout):
+    return bool(select.select([pidfd], [], [], timeout)[0])
+
+
+def wait_gone(ident, timeout):
+    """Wait up to ``timeout`` seconds for the process to be gone (exited or
+    a zombie); True if it is."""
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    while matches(ident):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    return True

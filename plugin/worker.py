@@ -1,0 +1,269 @@
+"""Running operations as tasks in detached workers.
+
+:func:`start` creates a Pending task, forks a daemon (python-daemon's
+``DaemonContext``: own session and process group, umask 077, cwd ``/``,
+standard streams on ``/dev/null``, every inherited descriptor closed) and
+returns the task id as soon as the worker has recorded its identity in the
+task file. The caller's stdout and stderr pipes therefore reach EOF as soon
+as the caller exits, however long the operation runs.
+
+An operation is a function ``op(ctx, **args)``; ``ctx`` is a
+:class:`Context`. Its return value becomes the Completed result (None, or a
+wire value such as ``["UnitResult", None]``); an exception makes the task
+Failed with a readable message (the traceback goes to the log). A cancel
+raises :class:`Cancelled` inside the operation; the declared artifacts are
+removed and the task ends Failed ``Cancelled``.
+"""
+
+import contextlib
+import os
+import select
+import signal
+import sys
+import time
+import traceback
+
+from plugin import lifecycle, log, proc
+from plugin.errors import PluginError, TaskDoesNotExist
+from plugin.state import CANCELLED, Completed, Failed, Pending, TransitionRefused
+from plugin.store import Store
+
+START_WAIT = 10.0
+PROGRESS_INTERVAL = 0.25
+HEARTBEAT_INTERVAL = 2.0
+
+
+class Cancelled(BaseException):
+    """Raised in the worker when its task is cancelled. A BaseException so
+    that an operation's ``except Exception`` cannot swallow it."""
+
+
+class TaskGone(BaseException):
+    """The task was destroyed or finished by someone else: stop quietly."""
+
+
+class Context:
+    """What a running operation may do to its task."""
+
+    def __init__(self, store, task):
+        self.store = store
+        self.task_id = task.id
+        self.debug_info = task.debug_info
+        self.cancel_requested = task.cancel is not None
+        self._interruptible = False
+        self._last_write = 0.0
+        self._progress = 0.0
+
+    # SIGTERM lands here. While the operation runs it raises Cancelled at
+    # once, so even a long read or write stops promptly; inside the store's
+    # own writes it only sets the flag, which is checked right after.
+    def _on_sigterm(self, signum, frame):
+        self.cancel_requested = True
+        if self._interruptible:
+            self._interruptible = False
+            raise Cancelled()
+
+    @contextlib.contextmanager
+    def critical(self):
+        """A section SIGTERM must not interrupt (e.g. renaming a finished
+        file into place together with forgetting its artifact)."""
+        was, self._interruptible = self._interruptible, False
+        try:
+            yield
+        finally:
+            self._interruptible = was
+        self.check_cancelled()
+
+    def check_cancelled(self):
+        """Raise Cancelled if a cancel has been requested."""
+        if self.cancel_requested and self._interruptible:
+            self._interruptible = False
+            raise Cancelled()
+
+    def progress(self, fraction, force=False):
+        """Report progress in [0, 1]. Written at most every 0.25 s (and at
+        least every 2 s while reported, as a heartbeat)."""
+        fraction = float(fraction)
+        now = time.monotonic()
+        due = now - self._last_write
+        if not force and (due < PROGRESS_INTERVAL or (fraction <= self._progress and due < HEARTBEAT_INTERVAL)):
+            self.check_cancelled()
+            return
+        self._progress = max(self._progress, fraction)
+        with self.critical():
+            try:
+                self.store.transition(self.task_id, lambda t: Pending(fraction))
+            except (TransitionRefused, TaskDoesNotExist):
+                raise TaskGone()
+            self._last_write = now
+
+    def declare_artifact(self, path):
+        """Record ``path`` as something to remove if the task does not
+        complete. Call it *before* creating the file."""
+        with self.critical():
+            self.store.annotate(self.task_id, lambda t: t.artifacts.append(os.path.abspath(path)))
+
+    def forget_artifact(self, path):
+        """Stop treating ``path`` as an artifact (it has been removed, or
+        it is now the operation's result)."""
+        path = os.path.abspath(path)
+        with self.critical():
+            self.store.annotate(self.task_id, lambda t: t.artifacts.remove(path) if path in t.artifacts else None)
+
+    def log(self, message):
+        """A line in the task's log."""
+        log.task_event(self.store, self.store.get(self.task_id), message)
+
+
+def _func_ref(func):
+    return "%s:%s" % (func.__module__, func.__qualname__)
+
+
+def _daemonize(keep_fds):
+    import daemon  # python-daemon; imported only by calls that start workers
+
+    # Drop the caller's stdio before anything else, and give DaemonContext
+    # real stream objects even if the caller had replaced sys.std* (as
+    # embedding programs and test runners do).
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+    sys.stdin, sys.stdout, sys.stderr = (open(fd, mode, closefd=False) for fd, mode in ((0, "r"), (1, "w"), (2, "w")))
+
+    ignore = {signal.SIGTSTP: None, signal.SIGTTIN: None, signal.SIGTTOU: None, signal.SIGHUP: None}
+    daemon.DaemonContext(
+        detach_process=True,
+        umask=0o077,
+        working_directory="/",
+        files_preserve=list(keep_fds),
+        signal_map=ignore,
+        prevent_core=True,
+    ).open()
+    os.setpgid(0, 0)  # lead our own group, so a cancel can signal all of it
+
+
+def spawn(target, keep_fds=()):
+    """Run ``target()`` in a detached daemon; returns once it is detached."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            _daemonize(keep_fds)
+            target()
+            code = 0
+        except BaseException:
+            pass
+        finally:
+            os._exit(code)
+    os.waitpid(pid, 0)  # the intermediate process exits once the daemon is detached
+
+
+def start(dbg, func, args=None, kind="Task", store=None):
+    """Start ``func(ctx, **args)`` as a task; return the task id.
+
+    The task exists (Pending 0.0) and its worker's identity is recorded
+    when this returns, so a cancel right after always has a target.
+    """
+    args = dict(args or {})
+    owned = store is None
+    store = store or Store()
+    try:
+        task = store.create(dbg, operation={"kind": kind, "func": _func_ref(func), "args": args})
+        launch(store, task.id, func, args)
+        return task.id
+    finally:
+        if owned:
+            store.close()
+
+
+def launch(store, task_id, func, args):
+    """Start the worker of an existing Pending task (the second half of
+    :func:`start`); returns once the worker has recorded its identity."""
+    ready_r, ready_w = os.pipe()
+    try:
+        spawn(lambda: _work(store.path, task_id, func, args, ready_w), keep_fds=[ready_w])
+    finally:
+        os.close(ready_w)
+    try:
+        ready, _, _ = select.select([ready_r], [], [], START_WAIT)
+        started = bool(ready) and os.read(ready_r, 1) == b"!"
+    finally:
+        os.close(ready_r)
+    if ready and not started:  # the daemon died before recording itself
+        store.transition(task_id, lambda t: None if t.worker else lifecycle.fail_and_undo(store, t, "Worker lost: it failed to start"))
+
+
+def _work(path, task_id, func, args, ready_fd):
+    store = Store(path)
+    task = store.get(task_id)
+    ctx = Context(store, task)
+    signal.signal(signal.SIGTERM, ctx._on_sigterm)  # before anyone can learn our pid
+    ident = proc.identity()
+
+    def record(t):
+        t.worker = ident
+
+    task = store.annotate(task_id, record)
+    os.write(ready_fd, b"!")
+    os.close(ready_fd)
+    ctx.cancel_requested = ctx.cancel_requested or task.cancel is not None
+    log.task_event(store, task, "worker started: pid %d, %s" % (ident["pid"], task.operation and task.operation.get("func")))
+    began = time.monotonic()
+    try:
+        ctx._interruptible = True
+        ctx.check_cancelled()
+        result = func(ctx, **args)
+        ctx._interruptible = False
+        duration = time.monotonic() - began
+
+        def complete(t):
+            t.artifacts = []  # the operation succeeded: nothing to undo
+            return Completed(duration, result)
+
+        store.transition(task_id, complete)
+        log.task_event(store, task, "completed in %.3fs" % duration)
+    except Cancelled:
+        ctx._interruptible = False
+        _finish_failed(store, task_id, CANCELLED)
+    except TaskGone:
+        log.task_event(store, task, "task finished or destroyed elsewhere; worker exits")
+    except BaseException as exc:
+        ctx._interruptible = False
+        if isinstance(exc, PluginError):
+            message = str(exc)
+        else:
+            message = "%s: %s" % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
+        log.task_event(store, task, "operation raised:\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        _finish_failed(store, task_id, message)
+
+
+def _finish_failed(store, task_id, message):
+    try:
+        store.transition(task_id, lambda t: lifecycle.fail_and_undo(store, t, message))
+    except (TransitionRefused, TaskDoesNotExist):
+        pass
+
+
+def spawn_escalator(path, task_id, grace):
+    """A detached watchdog: once ``grace`` seconds have passed since the
+    cancel, reconcile the task, which SIGKILLs a worker that ignored
+    SIGTERM. It exits early when the task finishes."""
+
+    def watch():
+        with Store(path) as store:
+            deadline = time.monotonic() + grace
+            while True:
+                try:
+                    task = store.get(task_id)
+                except PluginError:
+                    return
+                if task.state.terminal:
+                    return
+                if time.monotonic() >= deadline:
+                    lifecycle.reconcile(store, task_id)
+                    deadline = time.monotonic() + 0.5
+                time.sleep(0.05)
+
+    spawn(watch)

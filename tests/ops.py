@@ -1,0 +1,28 @@
+"""A real operation for tests: it writes a file in steps, taking a
+controllable time, and declares that file as its artifact, so tests can
+check rollback. Not a mock: it runs in a real detached worker."""
+
+import os
+import signal
+import time
+
+from plugin.codec import UNIT_RESULT
+
+
+def write_steps(ctx, path, steps=10, delay=0.05, ignore_term=False, fail_at=-1):
+    """Write ``steps`` lines to ``path``, one every ``delay`` seconds,
+    reporting progress after each. ``ignore_term`` makes the worker ignore
+    SIGTERM (as a stuck worker would); ``fail_at`` raises at that step."""
+    if ignore_term:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ctx.declare_artifact(path)
+    with open(path, "w") as f:
+        for i in range(steps):
+            if i == fail_at:
+                raise RuntimeError("boom at step %d" % i)
+            f.write("step %d\n" % i)
+            f.flush()
+            time.sleep(delay)
+            ctx.progress((i + 1) / steps)
+    ctx.forget_artifact(path)  # done: the file is the result
+    return UNIT_RESULT
