@@ -145,3 +145,13 @@ def request_cancel(store, task_id):
 
         worker.spawn_escalator(store.path, task_id, grace())
     return task
+
+
+def destroy(store, task_id):
+    """Remove every trace of a finished task; a Pending one whose worker is
+    gone is reconciled first, a live one is refused (TaskInProgress)."""
+    try:
+        reconcile(store, task_id)
+    except TaskCorrupt:
+        pass  # unreadable: destroying it is the operator's way out
+    store.destroy(task_id)

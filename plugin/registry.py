@@ -6,19 +6,27 @@ checked against it by ``tests/test_contract.py``: the executables in
 and the RPM file list.
 
 Each entry: name -> (module, function, params, result kind). ``params``
-are (name, kind) pairs decoded by :func:`plugin.codec.decode_params`; the
+are (name, kind) pairs decoded by :func:`plugin.codec.decode_params` (a
+kind ending in ``?`` is optional: absent or null gives None); the
 function receives them as keyword arguments and returns a value that
 :mod:`plugin.runner` encodes according to the result kind.
 """
 
 TASK_ID = (("dbg", "str"), ("id", "task_id"))
 OPERATION = (("dbg", "str"), ("operation", "operation"))
+MIRROR = (("dbg", "str"), ("uri", "str"), ("domain", "str"), ("remote", "str"))
 
 METHODS = {
     "Task.stat": ("plugin.task_api", "stat", TASK_ID, "task"),
     "Task.cancel": ("plugin.task_api", "cancel", TASK_ID, "unit"),
     "Task.destroy": ("plugin.task_api", "destroy", TASK_ID, "unit"),
     "Task.ls": ("plugin.task_api", "ls", (("dbg", "str"),), "id_list"),
+    "Data.copy": ("plugin.data_api", "copy", MIRROR + (("blocklist", "blocklist?"),), "operation"),
+    "Data.mirror": ("plugin.data_api", "mirror", MIRROR, "operation"),
+    "Data.stat": ("plugin.data_api", "stat", OPERATION, "status"),
+    "Data.cancel": ("plugin.data_api", "cancel", OPERATION, "unit"),
+    "Data.destroy": ("plugin.data_api", "destroy", OPERATION, "unit"),
+    "Data.ls": ("plugin.data_api", "ls", (("dbg", "str"),), "operation_list"),
 }
 
 

@@ -87,7 +87,7 @@ def _positional(name, spec, args):
 
 
 def _emit(value):
-    sys.stdout.write(json.dumps(value) + "\n")
+    sys.stdout.write(codec.dumps(value) + "\n")
     sys.stdout.flush()
 
 

@@ -3,6 +3,7 @@
 Layout of the state directory (mode 0700, files 0600)::
 
     tasks/<id>.json   the task record (see plugin.task), replaced atomically
+    tmp/              temporary files being written, renamed into tasks/
     locks/<id>        per-task lock file (flock; the kernel drops it if the
                       holder dies)
     pending/<id>      empty marker while the task is Pending, so reconciling
@@ -126,7 +127,8 @@ class Store:
         self.close()
 
     def dir_fd(self, name):
-        """Descriptor of subdirectory ``name`` (tasks, locks, pending, logs)."""
+        """Descriptor of subdirectory ``name`` (tasks, tmp, locks, pending,
+        logs)."""
         fd = self._dirs.get(name)
         if fd is None:
             fd = self._dirs[name] = _open_dir(name, self._root, os.path.join(self.path, name))
@@ -136,10 +138,9 @@ class Store:
 
     def ids(self):
         """Every task id, oldest first (ids sort by creation time)."""
-        names = os.listdir(self.dir_fd("tasks"))
-        out = [n[:-5] for n in names if n[0] != "." and n.endswith(".json")]
-        out.sort()
-        return out
+        names = os.listdir(self.dir_fd("tasks"))  # only <id>.json lives here
+        names.sort()
+        return [n[:-5] for n in names]
 
     def pending_ids(self):
         """Ids marked Pending: the only tasks that can need reconciling."""
@@ -178,11 +179,11 @@ class Store:
     # -- writing ----------------------------------------------------------
 
     def _write(self, task):
-        d = self.dir_fd("tasks")
+        d, tmp_d = self.dir_fd("tasks"), self.dir_fd("tmp")
         data = json.dumps(task.to_disk(), separators=(",", ":")).encode()
-        tmp = ".%s.%s.tmp" % (task.id, os.urandom(4).hex())
+        tmp = "%s.%s" % (task.id, os.urandom(4).hex())
         try:
-            fd = os.open(tmp, _O_NEW, 0o600, dir_fd=d)
+            fd = os.open(tmp, _O_NEW, 0o600, dir_fd=tmp_d)
             try:
                 view = memoryview(data)
                 while view:
@@ -190,9 +191,11 @@ class Store:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(tmp, task.id + ".json", src_dir_fd=d, dst_dir_fd=d)
-        except OSError as e:
-            _unlink(tmp, d)
+            os.rename(tmp, task.id + ".json", src_dir_fd=tmp_d, dst_dir_fd=d)
+        except BaseException as e:
+            _unlink(tmp, tmp_d)
+            if not isinstance(e, OSError):
+                raise
             raise InternalError("cannot write task %s: %s" % (task.id, e.strerror or e))
         os.fsync(d)
 

@@ -4,7 +4,6 @@ the codec; errors are raised as :mod:`plugin.errors` exceptions. Every call
 first makes Pending tasks true to their workers (:mod:`plugin.lifecycle`)."""
 
 from plugin import lifecycle
-from plugin.errors import TaskCorrupt
 from plugin.store import Store
 
 
@@ -24,11 +23,7 @@ def cancel(dbg, id):
 def destroy(dbg, id):
     """Remove every trace of a finished task; refuses a Pending one."""
     with Store() as store:
-        try:
-            lifecycle.reconcile(store, id)  # a dead worker's task becomes destroyable
-        except TaskCorrupt:
-            pass  # unreadable: destroying it is the operator's way out
-        store.destroy(id)
+        lifecycle.destroy(store, id)
 
 
 def ls(dbg):

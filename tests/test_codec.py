@@ -92,3 +92,11 @@ def test_envelopes():
     record = codec.error_record(InvalidArguments("x"))
     v2 = codec.encode_error_response(record, 7, True)
     assert v2["error"]["code"] == -32602 and v2["error"]["data"] == record
+
+
+def test_dumps_fast_path_equals_the_general_encoder():
+    many = [ids.new_id() for _ in range(200)]
+    assert codec.dumps(many) == json.dumps(many)
+    odd = many + ['quo"te', "back\\slash", "tab\t", "é"]
+    assert json.loads(codec.dumps(odd)) == odd
+    assert codec.dumps([]) == "[]" and codec.dumps(None) == "null"

@@ -1,0 +1,86 @@
+"""A tiny benchmark harness: repeat a measurement, report the median and
+spread beside a baseline measured in the same run, as a ratio with its goal.
+
+Every bench module exposes ``run(args) -> list of rows``; a row is a dict
+``{"name", "value", "unit", "baseline", "baseline_name", "ratio", "goal",
+"spread"}`` (``baseline``/``ratio``/``goal`` may be None).
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "bin")
+
+
+def bench_env(**extra):
+    """The environment for measured subprocesses: bytecode caching on (as
+    for an installed package), no syslog, plus ``extra``."""
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["TASK_SYSLOG"] = "0"
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def compile_tree():
+    """Write .pyc files once so no measured call pays for compiling."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(ROOT, "plugin")], check=True, env=bench_env())
+
+
+def time_command(argv, stdin=b"", env=None, repeat=20):
+    """Wall-clock seconds of each of ``repeat`` runs of a command."""
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        proc = subprocess.run(argv, input=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        samples.append(time.perf_counter() - t0)
+        if proc.returncode != 0:
+            raise RuntimeError("%s failed: %s" % (argv, proc.stderr.decode()[-500:]))
+    return samples
+
+
+def summary(samples):
+    """(median, spread) where spread is the interquartile range relative to
+    the median."""
+    med = statistics.median(samples)
+    if len(samples) >= 4:
+        q = statistics.quantiles(samples, n=4)
+        spread = (q[2] - q[0]) / med if med else 0.0
+    else:
+        spread = (max(samples) - min(samples)) / med if med else 0.0
+    return med, spread
+
+
+def row(name, samples, unit="ms", scale=1e3, baseline=None, baseline_name=None, goal=None):
+    """A result row; ``baseline`` is a list of samples measured alongside."""
+    value, spread = summary(samples)
+    out = {"name": name, "value": value * scale, "unit": unit, "spread": spread, "goal": goal,
+           "baseline": None, "baseline_name": baseline_name, "ratio": None}
+    if baseline is not None:
+        base, _ = summary(baseline)
+        out["baseline"] = base * scale
+        out["ratio"] = value / base if base else None
+    return out
+
+
+def print_table(rows, out=sys.stdout):
+    """The human table."""
+    head = "%-46s %12s %8s %22s %8s  %s" % ("figure", "median", "spread", "baseline", "ratio", "goal")
+    print(head, file=out)
+    print("-" * len(head), file=out)
+    for r in rows:
+        base = "-" if r["baseline"] is None else "%.2f %s %s" % (r["baseline"], r["unit"], r["baseline_name"] or "")
+        ratio = "-" if r["ratio"] is None else "%.2fx" % r["ratio"]
+        print("%-46s %9.2f %-2s %7.0f%% %22s %8s  %s" % (
+            r["name"], r["value"], r["unit"], 100 * r["spread"], base, ratio, r["goal"] or ""), file=out)
+
+
+def write_json(rows, path, meta=None):
+    """Results as JSON, for comparing versions."""
+    with open(path, "w") as f:
+        json.dump({"meta": meta or {}, "rows": rows}, f, indent=1)

@@ -1,0 +1,70 @@
+"""The Data interface: long-running data operations that own tasks.
+
+``Data.*`` and ``Task.*`` are two views of the same store: the operation
+``["CopyV1", id]`` is the task ``id``. Copies are validated in the calling
+process (bad input makes no task), then run by a detached worker
+(:mod:`plugin.copy`).
+"""
+
+from plugin import lifecycle
+from plugin.codec import OPERATION_TAGS
+from plugin.errors import PluginError, TaskDoesNotExist, Unimplemented
+from plugin.store import Store
+
+
+def copy(dbg, uri, domain, remote, blocklist):
+    """Start copying ``uri`` (or the ranges of ``blocklist``) to ``remote``;
+    returns ``("CopyV1", task id)`` at once."""
+    from plugin import copy as engine, worker
+
+    args = engine.plan(uri, remote, blocklist)
+    return "CopyV1", worker.start(dbg, engine.run, args, kind="CopyV1")
+
+
+def mirror(dbg, uri, domain, remote):
+    """Mirroring is not implemented: say so rather than pretend."""
+    raise Unimplemented("Data.mirror")
+
+
+def _task_of(store, operation):
+    kind, task_id = operation
+    task = lifecycle.reconcile(store, task_id)
+    if task.kind != kind:  # e.g. a plain task asked about as a copy
+        raise TaskDoesNotExist(task_id)
+    return task
+
+
+def stat(dbg, operation):
+    """``{failed, complete, progress}`` of the operation's task."""
+    with Store() as store:
+        return _task_of(store, operation).state
+
+
+def cancel(dbg, operation):
+    """As ``Task.cancel``."""
+    with Store() as store:
+        _task_of(store, operation)
+        lifecycle.request_cancel(store, operation[1])
+
+
+def destroy(dbg, operation):
+    """As ``Task.destroy``."""
+    with Store() as store:
+        _task_of(store, operation)
+        lifecycle.destroy(store, operation[1])
+
+
+def ls(dbg):
+    """Every data operation, oldest first, as ``(kind, id)`` pairs."""
+    with Store() as store:
+        lifecycle.reconcile_pending(store)
+        out = []
+        for task_id in store.ids():
+            try:
+                kind = store.get(task_id).kind
+            except PluginError:
+                continue  # destroyed meanwhile, or unreadable (stat reports it)
+            if kind in OPERATION_TAGS:
+                out.append((kind, task_id))
+        return out
+
