@@ -100,8 +100,15 @@ class Context:
     def declare_artifact(self, path):
         """Record ``path`` as something to remove if the task does not
         complete. Call it *before* creating the file."""
+        path = os.path.abspath(path)
+
+        def add(t):
+            if t.state.terminal:  # finished elsewhere: nobody would undo it
+                raise TaskGone()
+            t.artifacts.append(path)
+
         with self.critical():
-            self.store.annotate(self.task_id, lambda t: t.artifacts.append(os.path.abspath(path)))
+            self.store.annotate(self.task_id, add)
 
     def forget_artifact(self, path):
         """Stop treating ``path`` as an artifact (it has been removed, or
@@ -192,7 +199,8 @@ def launch(store, task_id, func, args):
     finally:
         os.close(ready_r)
     if ready and not started:  # the daemon died before recording itself
-        store.transition(task_id, lambda t: None if t.worker else lifecycle.fail_and_undo(store, t, "Worker lost: it failed to start"))
+        store.transition(task_id, lambda t: None if t.worker or t.state.terminal
+                         else lifecycle.fail_and_undo(store, t, "Worker lost: it failed to start"))
 
 
 def _work(path, task_id, func, args, ready_fd):
@@ -203,9 +211,14 @@ def _work(path, task_id, func, args, ready_fd):
     ident = proc.identity()
 
     def record(t):
+        if t.state.terminal:  # given up on while we were starting
+            raise TaskGone()
         t.worker = ident
 
-    task = store.annotate(task_id, record)
+    try:
+        task = store.annotate(task_id, record)
+    except TaskGone:
+        return
     os.write(ready_fd, b"!")
     os.close(ready_fd)
     ctx.cancel_requested = ctx.cancel_requested or task.cancel is not None
