@@ -7,7 +7,7 @@ DEBS = qemu-utils nbdkit libnbd-bin rpm
 # Everything the demo and the tests need: Python packages from PyPI and the
 # NBD servers/tools from Debian's packages (root needed for apt-get).
 deps:
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check --root-user-action=ignore psutil python-daemon pytest hypothesis
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --root-user-action=ignore psutil python-daemon pytest hypothesis vermin
 	@if ! command -v qemu-nbd >/dev/null || ! command -v nbdkit >/dev/null || ! command -v nbdcopy >/dev/null || ! command -v rpmbuild >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBS); fi
 
@@ -16,3 +16,7 @@ test: deps
 
 demo: deps
 	PYTHON=$(PYTHON) sh tools/demo.sh
+
+# Source RPM and noarch RPM from the working tree into ./rpmbuild/ (packaging/README.md).
+rpm:
+	bash tools/build-rpm.sh
