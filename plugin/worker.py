@@ -236,7 +236,10 @@ def _work(path, task_id, func, args, ready_fd):
             return Completed(duration, result)
 
         store.transition(task_id, complete)
-        log.task_event(store, task, "completed in %.3fs" % duration)
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        log.task_event(store, task, "completed in %.3fs, peak RSS %d KiB" % (duration, peak))
     except Cancelled:
         ctx._interruptible = False
         _finish_failed(store, task_id, CANCELLED)

@@ -1,0 +1,152 @@
+"""Copy throughput and worker memory.
+
+One sparse image (``--copy-gib`` GiB, half of it data in 64 MiB extents),
+page cache warm. Figures, each beside the baselines measured in the same
+run:
+- file -> new file with ``Data.copy`` vs ``cp --sparse=always`` and
+  ``qemu-img convert -n`` (goal: no slower than the faster of the two);
+- file -> NBD (qemu-nbd on a Unix socket) vs ``nbdcopy`` to the same
+  server (goal: at most 1.25x nbdcopy's time);
+- the worker's peak RSS (goal: under 40 MiB), beside ``python3 -c pass``.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from harness import BIN, ROOT, bench_env, row
+
+sys.path.insert(0, ROOT)
+
+from plugin.store import Store  # noqa: E402
+
+MiB = 1 << 20
+
+
+def make_image(path, size, data):
+    """A sparse image of ``size`` bytes holding ``data`` bytes of
+    non-zero data in 64 MiB extents spread evenly."""
+    chunk = os.urandom(MiB)
+    extents = max(1, data // (64 * MiB))
+    stride = size // extents
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for i in range(extents):
+            f.seek(i * stride)
+            for _ in range(64):
+                f.write(chunk)
+
+
+def warm(path):
+    subprocess.run(["cat", path], stdout=subprocess.DEVNULL, check=True)
+
+
+def timed(argv, env=None):
+    t0 = time.perf_counter()
+    subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def data_copy(uri, remote, env, state):
+    """Seconds from calling Data.copy to its task being Completed, and the
+    worker's peak RSS in KiB (from its log line)."""
+    params = json.dumps({"dbg": "bench", "uri": uri, "domain": "0", "remote": remote, "blocklist": None})
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, os.path.join(BIN, "Data.copy"), "--json"], input=params.encode(),
+                         capture_output=True, env=env, check=True)
+    task_id = json.loads(out.stdout)[1]
+    with Store(state) as store:
+        while True:
+            task = store.get(task_id)
+            if task.state.terminal:
+                break
+            time.sleep(0.001)
+    elapsed = time.perf_counter() - t0
+    if type(task.state).__name__ != "Completed":
+        raise RuntimeError("copy failed: %r" % (task.state,))
+    log = open(os.path.join(state, "logs", task_id + ".log")).read()
+    peak = int(re.search(r"peak RSS (\d+) KiB", log).group(1))
+    return elapsed, peak
+
+
+class NbdServer:
+    """qemu-nbd serving one raw file on a Unix socket."""
+
+    def __init__(self, tmp, image):
+        self.sock = os.path.join(tmp, "nbd.sock")
+        self.proc = subprocess.Popen(["qemu-nbd", "--socket=" + self.sock, "--format=raw", "--export-name=bench",
+                                      "--persistent", "--cache=writeback", "--discard=unmap", image])
+        while not os.path.exists(self.sock):
+            time.sleep(0.01)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def run(args):
+    if not all(shutil.which(t) for t in ("qemu-img", "qemu-nbd", "nbdcopy")):
+        print("# copy: qemu-img, qemu-nbd and nbdcopy are needed (make deps)", file=sys.stderr)
+        return []
+    size = int(args.copy_gib * (1 << 30))
+    repeat = max(3, args.repeat // 5)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+        state = os.path.join(tmp, "state")
+        env = bench_env(TASK_STATE_DIR=state)
+        src = os.path.join(tmp, "src.img")
+        make_image(src, size, size // 2)
+        warm(src)
+        dst = os.path.join(tmp, "dst.img")
+
+        def fresh(path=dst):
+            if os.path.exists(path):
+                os.unlink(path)
+
+        ours, cp, qemu, peaks = [], [], [], []
+        for _ in range(repeat):
+            fresh()
+            secs, peak = data_copy("file://" + src, "file://" + dst, env, state)
+            ours.append(secs)
+            peaks.append(peak)
+            fresh()
+            cp.append(timed(["cp", "--sparse=always", src, dst]))
+            fresh()
+            subprocess.run(["truncate", "-s", str(size), dst], check=True)
+            qemu.append(timed(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", src, dst]))
+        fastest = cp if sorted(cp)[len(cp) // 2] <= sorted(qemu)[len(qemu) // 2] else qemu
+        name = "cp --sparse=always" if fastest is cp else "qemu-img convert -n"
+        rows.append(row("copy file -> file, %.1f GiB sparse" % args.copy_gib, ours, unit="s", scale=1,
+                        baseline=fastest, baseline_name=name, goal="<= 1x"))
+        rows.append(row("  cp --sparse=always", cp, unit="s", scale=1))
+        rows.append(row("  qemu-img convert -n", qemu, unit="s", scale=1))
+        fresh()
+
+        target = os.path.join(tmp, "nbd-target.img")
+        subprocess.run(["truncate", "-s", str(size), target], check=True)
+        server = NbdServer(tmp, target)
+        try:
+            uri = "nbd+unix:///bench?socket=" + server.sock
+            nbd_ours, nbd_base = [], []
+            for _ in range(repeat):
+                secs, peak = data_copy("file://" + src, uri, env, state)
+                nbd_ours.append(secs)
+                peaks.append(peak)
+                nbd_base.append(timed(["nbdcopy", src, uri]))
+        finally:
+            server.stop()
+        rows.append(row("copy file -> NBD (qemu-nbd, unix socket)", nbd_ours, unit="s", scale=1,
+                        baseline=nbd_base, baseline_name="nbdcopy", goal="<= 1.25x"))
+        base_rss = []
+        for _ in range(3):
+            out = subprocess.run([sys.executable, "-c", "import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
+                                 capture_output=True, env=env, check=True)
+            base_rss.append(int(out.stdout))
+        rows.append(row("worker peak RSS during copies", peaks, unit="MiB", scale=1 / 1024, baseline=base_rss,
+                        baseline_name="python -c", goal="< 40 MiB"))
+    return rows
