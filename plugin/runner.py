@@ -35,6 +35,8 @@ def parse_json(data):
         raise InvalidArguments("input is not UTF-8: %s" % e.reason)
     except ValueError as e:
         raise InvalidArguments("input is not valid JSON: %s" % e)
+    except RecursionError:
+        raise InvalidArguments("input is nested too deeply")
 
 
 def _read_stdin():

@@ -235,11 +235,12 @@ def _work(path, task_id, func, args, ready_fd):
             t.artifacts = []  # the operation succeeded: nothing to undo
             return Completed(duration, result)
 
-        store.transition(task_id, complete)
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        log.task_event(store, task, "completed in %.3fs, peak RSS %d KiB" % (duration, peak))
+        log.task_event(store, task, "operation returned after %.3fs, peak RSS %d KiB" % (duration, peak))
+        store.transition(task_id, complete)
+        log.task_event(store, task, "completed")
     except Cancelled:
         ctx._interruptible = False
         _finish_failed(store, task_id, CANCELLED)

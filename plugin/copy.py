@@ -1,0 +1,311 @@
+"""The copy engine behind ``Data.copy``: a local raw volume onto a local
+file, a block device or an NBD export, run as a task.
+
+The Data API does exactly::
+
+    args = copy.plan(uri, remote, blocklist)   # in the caller: InvalidArguments, no task
+    task_id = worker.start(dbg, copy.run, args, kind="CopyV1")
+
+:func:`plan` checks everything that can be checked without the target
+server and returns the JSON-able keyword arguments of :func:`run`, which
+does the copy in the worker (see :mod:`plugin.worker`).
+
+Sources are a regular file or a block device, named by an absolute path or
+by a ``file://``, ``raw+file://``, ``loop+blkback://`` or ``raw+block://``
+URI (the spellings SMAPIv3 volume plugins hand out; percent-encoded, and a
+doubled leading slash, as ``"raw+file:///" + path`` produces, is fine).
+Local targets take the same forms; remote targets are NBD URIs
+(:func:`plugin.nbd.parse_uri`). Data lands at the same offsets as in the
+source.
+
+Without a blocklist the whole source is copied; with one, exactly the
+listed blocks (a last block that the source only partly covers is copied up
+to the source's end; a block wholly past the end is an error), and nothing
+else on the target changes. Holes in the source are never read: on the
+target they become holes (punched, BLKZEROOUT, NBD write-zeroes), except
+where the target is known to be zero already (a new file, or the part of
+an existing file that the copy has just extended).
+
+If the copy fails or is cancelled: a new file target is removed (it never
+appears, and neither does its temporary). Existing files, block devices
+and NBD exports cannot be rolled back: they then hold the ranges copied so
+far, in offset order, and the rest as before (an existing file given a full
+copy has already been resized to the source's size).
+"""
+
+import json
+import os
+import stat
+import time
+import urllib.parse
+
+from plugin import extents, nbd, store, targets
+from plugin.errors import InvalidArguments, OperationFailed
+
+LOCAL_SCHEMES = ("file", "raw+file", "loop+blkback", "raw+block")
+CHUNK = 8 << 20          # bytes per copy call: progress and cancel granularity
+ZERO_CHUNK = 128 << 20   # bytes per zeroing call
+PLAN_HEADROOM = 64 << 10  # task file bytes besides the plan (ids, paths, dbg)
+
+
+# ---- plan: in the caller, before any task exists ---------------------------
+
+
+def local_path(value, what):
+    """The absolute path named by ``value`` (a path or a local URI);
+    InvalidArguments naming ``what`` if it is not one."""
+    if not isinstance(value, str) or not value:
+        raise InvalidArguments("%s must be a non-empty string" % what)
+    if "\0" in value:
+        raise InvalidArguments("%s %r contains a NUL byte" % (what, value))
+    path = value
+    if not value.startswith("/"):
+        try:
+            parts = urllib.parse.urlsplit(value)
+            path = urllib.parse.unquote(parts.path, errors="strict")
+        except ValueError as e:
+            raise InvalidArguments("%s %r is not a valid URI: %s" % (what, value, e)) from None
+        if not parts.scheme:
+            raise InvalidArguments("%s %r is neither an absolute path nor a URI" % (what, value))
+        if parts.scheme not in LOCAL_SCHEMES:
+            raise InvalidArguments("%s %r: unsupported scheme '%s' (use an absolute path or %s)" % (
+                what, value, parts.scheme, ", ".join(s + "://" for s in LOCAL_SCHEMES)))
+        if parts.netloc not in ("", "localhost"):
+            raise InvalidArguments("%s %r names host '%s': only local paths are supported" % (what, value, parts.netloc))
+        if parts.query or parts.fragment:
+            raise InvalidArguments("%s %r has a query or fragment (percent-encode '?' and '#')" % (what, value))
+        if not path.startswith("/") or "\0" in path:
+            raise InvalidArguments("%s %r does not name an absolute path" % (what, value))
+    return "/" + path.lstrip("/")
+
+
+def _open_error(what, path, e):
+    if isinstance(e, FileNotFoundError):
+        return "%s %s does not exist" % (what, path)
+    if isinstance(e, PermissionError):
+        return "%s %s is not readable: %s" % (what, path, e.strerror)
+    return "cannot open %s %s: %s" % (what, path, e.strerror)
+
+
+def _examine_source(path):
+    """``(stat, size)`` of a readable regular file or block device."""
+    try:
+        # O_NONBLOCK: a FIFO swapped in after any check must not hang us.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise InvalidArguments(_open_error("source", path, e)) from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            return st, st.st_size
+        if stat.S_ISBLK(st.st_mode):
+            return st, os.lseek(fd, 0, os.SEEK_END)
+        raise InvalidArguments("source %s is neither a regular file nor a block device" % path)
+    finally:
+        os.close(fd)
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_blocklist(blocklist, size):
+    """Validate a decoded blocklist ``(blocksize, [(start, length), ...])``
+    (in blocks) against a source of ``size`` bytes; return ``[blocksize,
+    ranges]`` with adjacent ranges merged, or None (copy everything)."""
+    if blocklist is None:
+        return None
+    try:
+        blocksize, ranges = blocklist
+        ranges = [tuple(r) for r in ranges]
+    except (TypeError, ValueError):
+        raise InvalidArguments("blocklist must be (blocksize, [(start, length), ...])") from None
+    if not _is_int(blocksize) or blocksize <= 0:
+        raise InvalidArguments("blocklist blocksize must be a positive integer")
+    blocks = -(-size // blocksize)  # the last block may be partial
+    out, prev = [], 0
+    for r in ranges:
+        if len(r) != 2 or not all(_is_int(v) for v in r) or r[0] < prev or r[1] <= 0:
+            raise InvalidArguments("blocklist ranges must be sorted, non-overlapping [start, length] "
+                                   "with length > 0; got %r" % (list(r),))
+        start, length = r
+        if start + length > blocks:
+            raise InvalidArguments(
+                "blocklist range [%d, %d] is out of range: blocks %d..%d of %d bytes, "
+                "but the source is %d bytes (%d blocks)" % (
+                    start, length, start, start + length - 1, blocksize, size, blocks))
+        if out and out[-1][0] + out[-1][1] == start:
+            out[-1][1] += length  # fewer, larger ranges: fewer seeks, smaller task file
+        else:
+            out.append([start, length])
+        prev = start + length
+    return [blocksize, out]
+
+
+def byte_ranges(blocklist, size):
+    """Yield the ``(offset, length)`` byte ranges to copy: the whole source
+    for None, else the checked blocklist's ranges clipped to ``size``."""
+    if blocklist is None:
+        if size:
+            yield 0, size
+        return
+    blocksize, ranges = blocklist
+    for start, n in ranges:
+        yield start * blocksize, min((start + n) * blocksize, size) - start * blocksize
+
+
+def needed_bytes(blocklist, size):
+    """How large the target must be: the source, or up to the end of the
+    last listed block (clipped to the source)."""
+    if blocklist is None:
+        return size
+    if not blocklist[1]:
+        return 0
+    start, n = blocklist[1][-1]
+    return min((start + n) * blocklist[0], size)
+
+
+def _plan_target(remote, source_st, needed):
+    if isinstance(remote, str) and nbd.is_nbd_uri(remote):
+        nbd.parse_uri(remote)  # InvalidArguments if malformed; connecting is the worker's job
+        return {"kind": "nbd", "uri": remote}
+    path = local_path(remote, "target")
+    if path.endswith("/"):
+        raise InvalidArguments("target %s names a directory" % path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        parent = os.path.dirname(path)
+        if os.path.lexists(path):
+            raise InvalidArguments("target %s is a dangling symbolic link" % path) from None
+        if not os.path.isdir(parent):
+            raise InvalidArguments("target directory %s does not exist" % parent) from None
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise InvalidArguments("target directory %s is not writable" % parent) from None
+        return {"kind": "new", "path": path}
+    except OSError as e:
+        raise InvalidArguments("cannot examine target %s: %s" % (path, e.strerror)) from None
+    same_device = stat.S_ISBLK(st.st_mode) and stat.S_ISBLK(source_st.st_mode) and st.st_rdev == source_st.st_rdev
+    if (st.st_dev, st.st_ino) == (source_st.st_dev, source_st.st_ino) or same_device:
+        raise InvalidArguments("source and target are the same: %s" % path)
+    if stat.S_ISREG(st.st_mode):
+        if not os.access(path, os.W_OK):
+            raise InvalidArguments("target %s is not writable" % path)
+        return {"kind": "file", "path": path}
+    if not stat.S_ISBLK(st.st_mode):
+        raise InvalidArguments("target %s is neither a regular file nor a block device" % path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise InvalidArguments("target %s cannot be opened for writing: %s" % (path, e.strerror)) from None
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+    if size < needed:
+        raise InvalidArguments("target %s is %d bytes, the copy needs %d" % (path, size, needed))
+    return {"kind": "block", "path": path}
+
+
+def plan(uri, remote, blocklist):
+    """Validate a copy of ``uri`` onto ``remote`` and return the keyword
+    arguments of :func:`run` (JSON-able). ``blocklist`` is None (everything)
+    or ``(blocksize, [(start, length), ...])`` in blocks, sorted and
+    non-overlapping. Raises InvalidArguments; never connects to a server."""
+    if nbd.is_nbd_uri(uri):
+        raise InvalidArguments("source %r: NBD sources are not supported" % uri)
+    source = local_path(uri, "source")
+    source_st, size = _examine_source(source)
+    checked = check_blocklist(blocklist, size)
+    target = _plan_target(remote, source_st, needed_bytes(checked, size))
+    args = {"source": source, "source_size": size, "blocklist": checked, "target": target}
+    # The args live in the task file, which the store refuses to read back
+    # past its size limit: say so now rather than leave a corrupt task.
+    if len(json.dumps(args, separators=(",", ":"))) > store.MAX_TASK_FILE - PLAN_HEADROOM:
+        raise InvalidArguments("blocklist too large: %d ranges would not fit in a task record" % (
+            len(checked[1]) if checked else 0))
+    return args
+
+
+# ---- run: in the worker ----------------------------------------------------
+
+
+def _open_source(path, size):
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise OperationFailed("source %s no longer exists" % path) from None
+        raise OperationFailed(_open_error("source", path, e)) from None
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise OperationFailed("source %s is no longer a regular file or block device" % path)
+        now = os.lseek(fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
+        if now != size:
+            raise OperationFailed("source %s changed size since the copy was planned: %d, now %d bytes" % (path, size, now))
+        os.set_blocking(fd, True)  # O_NONBLOCK was only for the open
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger readahead
+        except OSError:
+            pass  # only a hint
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _to_zero(offset, length, zero_from):
+    """How much of a hole at ``offset`` must be zeroed on the target."""
+    if zero_from is None:
+        return length
+    return max(0, min(offset + length, zero_from) - offset)
+
+
+def _work(fd, blocklist, size, zero_from):
+    """The copy's steps, lazily: ``(offset, length, is_data)`` where every
+    hole is one that must be zeroed."""
+    for start, length in byte_ranges(blocklist, size):
+        for offset, n, is_data in extents.segments(fd, start, start + length):
+            if not is_data:
+                n = _to_zero(offset, n, zero_from)
+            if n:
+                yield offset, n, is_data
+
+
+def run(ctx, source, source_size, blocklist, target):
+    """Copy as planned by :func:`plan` (these are its keys), reporting
+    progress to ``ctx`` by bytes handled (data copied plus holes zeroed).
+    Returns None; raises OperationFailed / NbdError on failure."""
+    began = time.monotonic()
+    fd = _open_source(source, source_size)
+    try:
+        needed = needed_bytes(blocklist, source_size)
+        dest = targets.open_target(ctx, target, needed, exact=blocklist is None)
+        try:
+            total = sum(n for _, n, _ in _work(fd, blocklist, source_size, dest.zero_from))
+            ctx.log("copy %s (%d bytes, %s) to %s: %d bytes to copy or zero" % (
+                source, source_size, "whole" if blocklist is None else "%d range(s)" % len(blocklist[1]),
+                target.get("uri") or target["path"], total))
+            done = copied = 0
+            for offset, length, is_data in _work(fd, blocklist, source_size, dest.zero_from):
+                step = CHUNK if is_data else ZERO_CHUNK
+                for pos in range(offset, offset + length, step):
+                    n = min(step, offset + length - pos)
+                    if is_data:
+                        dest.write(fd, pos, n)
+                        copied += n
+                    else:
+                        dest.zero(pos, n)
+                    done += n
+                    ctx.progress(done / max(total, done))  # the source may have changed since counting
+            dest.finish(ctx)
+        except BaseException:
+            dest.abort()
+            raise
+    finally:
+        os.close(fd)
+    ctx.progress(1.0, force=True)
+    seconds = time.monotonic() - began
+    ctx.log("copy done: %d bytes copied, %d zeroed, in %.2fs (%.0f MiB/s of data)" % (
+        copied, done - copied, seconds, copied / (1 << 20) / max(seconds, 1e-6)))
