@@ -92,9 +92,14 @@ def _is_int(value):
 
 
 def decode_str(name, value):
-    """A required string parameter."""
+    """A required string parameter, valid Unicode (JSON can smuggle in
+    lone surrogates, which no path or log line can hold)."""
     if not isinstance(value, str):
         raise InvalidArguments("parameter %r must be a string" % name)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArguments("parameter %r is not valid Unicode" % name)
     return value
 
 
@@ -269,4 +274,4 @@ def dumps(value):
         body = '","'.join(value)
         if body.isascii() and body.isprintable() and '"' not in body and "\\" not in body:
             return '["%s"]' % body
-    return json.dumps(value)
+    return json.dumps(value, allow_nan=False)

@@ -17,7 +17,7 @@ import signal
 import time
 
 from plugin import log, proc
-from plugin.errors import TaskCorrupt, TaskDoesNotExist
+from plugin.errors import InternalError, TaskCorrupt, TaskDoesNotExist
 from plugin.state import CANCELLED, Failed
 
 START_TIMEOUT = 30.0
@@ -64,13 +64,19 @@ def fail_and_undo(store, task, message):
     return Failed(message)
 
 
+def _live(worker):
+    """The recorded worker is alive, and is one we could signal (a forged
+    identity naming some other live process counts as lost)."""
+    return proc.matches(worker) and proc.refusal(worker) is None
+
+
 def _needs_action(task, now):
     if task.state.terminal:
         return False
     worker = task.worker
     if worker is None:
         return now - task.ctime >= START_TIMEOUT
-    if not proc.matches(worker):
+    if not _live(worker):
         return True
     return task.cancel is not None and now - task.cancel >= grace()
 
@@ -81,7 +87,7 @@ def _decide(store):
         if not _needs_action(task, now):
             return None
         worker = task.worker
-        if worker is not None and proc.matches(worker):
+        if worker is not None and _live(worker):
             # Overdue after a cancel: SIGKILL cannot be ignored.
             log.task_event(store, task, "worker pid %d ignored SIGTERM for %.1fs: SIGKILL" % (worker["pid"], now - task.cancel))
             proc.signal_worker(worker, signal.SIGKILL)
@@ -91,6 +97,8 @@ def _decide(store):
             message = CANCELLED
         elif worker is None:
             message = "Worker lost: it never started"
+        elif proc.matches(worker):
+            message = "Worker lost: recorded identity is not a worker (%s)" % proc.refusal(worker)
         else:
             message = "Worker lost: process %s is gone" % worker.get("pid")
         return fail_and_undo(store, task, message)
@@ -108,7 +116,9 @@ def reconcile(store, task_id):
 
 def reconcile_pending(store):
     """Reconcile every task marked Pending (for ``ls``); drop stale
-    markers. Unreadable tasks are left for ``stat`` to report."""
+    markers and temporary files. Unreadable tasks are left for ``stat`` to
+    report."""
+    store.sweep_tmp(START_TIMEOUT)
     for task_id in store.pending_ids():
         try:
             if reconcile(store, task_id).state.terminal:
@@ -117,6 +127,8 @@ def reconcile_pending(store):
             store.forget_stale_marker(task_id, START_TIMEOUT)
         except TaskCorrupt:
             pass
+        except InternalError as e:  # e.g. a full disk: still list what exists
+            log.store_event(store, "could not reconcile task %s: %s" % (task_id, e))
 
 
 def request_cancel(store, task_id):

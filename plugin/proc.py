@@ -47,13 +47,17 @@ def identity(pid=None):
     return {"pid": pid, "start": int(fields[19]), "pgid": int(fields[2]), "boot_id": boot_id()}
 
 
+PID_MAX = 1 << 22  # the kernel's PID_MAX_LIMIT
+
+
 def _well_formed(ident):
     try:
         return (
             all(type(ident[k]) is int for k in ("pid", "start", "pgid"))
             and isinstance(ident["boot_id"], str)
-            and ident["pid"] > 1
-            and ident["pgid"] > 1
+            and 1 < ident["pid"] <= PID_MAX
+            and 1 < ident["pgid"] <= PID_MAX
+            and ident["start"] >= 0
         )
     except (KeyError, TypeError):
         return False
@@ -65,10 +69,15 @@ def matches(ident):
     if not _well_formed(ident) or ident["boot_id"] != boot_id():
         return False
     fields = _stat_fields(ident["pid"])
-    return fields is not None and fields[0] not in (b"Z", b"X") and int(fields[19]) == ident["start"]
+    return (
+        fields is not None
+        and fields[0] not in (b"Z", b"X")
+        and int(fields[19]) == ident["start"]
+        and int(fields[2]) == ident["pgid"]
+    )
 
 
-def _refused(ident):
+def refusal(ident):
     """Why ``ident`` must never be signalled, or None."""
     if not _well_formed(ident):
         return "malformed identity"
@@ -88,7 +97,7 @@ def signal_worker(ident, sig):
     signalled only while that leader is alive (a group id cannot be reused
     while its leader lives).
     """
-    if _refused(ident) is not None:
+    if refusal(ident) is not None:
         return False
     pid = ident["pid"]
     pidfd = None

@@ -25,12 +25,19 @@ def _reject_constant(name):
     raise ValueError("%s is not valid JSON" % name)
 
 
+def _finite_float(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("number %s is out of range" % text[:40])
+    return value
+
+
 def parse_json(data):
     """Strict JSON from bytes: UTF-8 only, no NaN/Infinity, at most 1 MiB."""
     if len(data) > MAX_INPUT:
         raise InvalidArguments("input is larger than %d bytes" % MAX_INPUT)
     try:
-        return json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        return json.loads(data.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
     except UnicodeDecodeError as e:
         raise InvalidArguments("input is not UTF-8: %s" % e.reason)
     except ValueError as e:
@@ -84,7 +91,7 @@ def _positional(name, spec, args):
     params = {}
     for pname, kind in spec:
         value = getattr(ns, pname)
-        params[pname] = value if kind in ("str", "task_id") else parse_json(value.encode())
+        params[pname] = value if kind in ("str", "task_id") else parse_json(value.encode("utf-8", "surrogateescape"))
     return params
 
 
@@ -130,10 +137,15 @@ def main(argv=None):
         if envelope is not None:
             record = codec.encode_error_response(record, envelope.get("id"), envelope.get("jsonrpc") == "2.0")
         _emit(record)
-        sys.stderr.write("%s: %s\n" % (name, error))
+        sys.stderr.write(_one_line("%s: %s" % (name, error)) + "\n")
         if not isinstance(exc, PluginError):
             _log_traceback(name, exc)
         return 1
+
+
+def _one_line(text):
+    """``text`` with control characters escaped, so stderr gets one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _log_traceback(name, exc):

@@ -3,7 +3,8 @@
 Layout of the state directory (mode 0700, files 0600)::
 
     tasks/<id>.json   the task record (see plugin.task), replaced atomically
-    tmp/              temporary files being written, renamed into tasks/
+    tmp/              temporary files being written, renamed into tasks/;
+                      a destroyed task's file on its way out
     locks/<id>        per-task lock file (flock; the kernel drops it if the
                       holder dies)
     pending/<id>      empty marker while the task is Pending, so reconciling
@@ -37,6 +38,7 @@ from plugin.task import Task
 APP = "xapi-storage-tasks"
 ENV = "TASK_STATE_DIR"
 MAX_TASK_FILE = 1 << 20
+TOMBSTONE = ".destroyed"
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -88,7 +90,9 @@ def _open_dir(name, dir_fd=None, label=None):
             except OSError as e:
                 raise StateDirInvalid(label, "cannot create: %s" % e.strerror)
         except OSError as e:
-            why = "is a symlink" if e.errno == errno.ELOOP else e.strerror
+            why = e.strerror
+            if e.errno in (errno.ELOOP, errno.ENOTDIR) and _is_symlink(name, dir_fd):
+                why = "is a symlink"
             raise StateDirInvalid(label, why)
     try:
         _check_dir(fd, label)
@@ -96,6 +100,22 @@ def _open_dir(name, dir_fd=None, label=None):
         os.close(fd)
         raise
     return fd
+
+
+def _is_symlink(name, dir_fd):
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _io(what):
+    """Report a failed store operation as an InternalError naming it."""
+    try:
+        yield
+    except OSError as e:
+        raise InternalError("%s: %s" % (what, e.strerror or e))
 
 
 def _unlink(name, dir_fd):
@@ -197,7 +217,8 @@ class Store:
             if not isinstance(e, OSError):
                 raise
             raise InternalError("cannot write task %s: %s" % (task.id, e.strerror or e))
-        os.fsync(d)
+        with _io("cannot make task %s durable (fsync of its directory)" % task.id):
+            os.fsync(d)
 
     @contextlib.contextmanager
     def _locked(self, task_id):
@@ -223,10 +244,12 @@ class Store:
         now_ns = time.time_ns()
         task = Task(ids.new_id(now_ns), debug_info, now_ns / 1e9, Pending(0.0), operation=operation)
         locks, pending = self.dir_fd("locks"), self.dir_fd("pending")
-        fd = os.open(task.id, _O_NEW, 0o600, dir_fd=locks)
+        with _io("cannot create task %s" % task.id):
+            fd = os.open(task.id, _O_NEW, 0o600, dir_fd=locks)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            os.close(os.open(task.id, _O_NEW, 0o600, dir_fd=pending))
+            with _io("cannot create task %s" % task.id):
+                os.close(os.open(task.id, _O_NEW, 0o600, dir_fd=pending))
             self._write(task)
         except BaseException:
             _unlink(task.id, pending)
@@ -255,7 +278,7 @@ class Store:
             task.updated = time.time()
             self._write(task)
         if task.state.terminal:
-            _unlink(task_id, self.dir_fd("pending"))
+            self.forget_marker(task_id)
         return task
 
     def annotate(self, task_id, mutate):
@@ -283,16 +306,48 @@ class Store:
                 task = None  # removing it is the only way out for the operator
             if task is not None and not task.state.terminal:
                 raise TaskInProgress(task_id)
-            tasks = self.dir_fd("tasks")
-            _unlink(task_id + ".json", tasks)
-            _unlink(task_id, self.dir_fd("pending"))
-            _unlink(task_id + ".log", self.dir_fd("logs"))
-            _unlink(task_id, self.dir_fd("locks"))
-            os.fsync(tasks)
+            tasks, tmp = self.dir_fd("tasks"), self.dir_fd("tmp")
+            tomb = task_id + TOMBSTONE
+            with _io("cannot destroy task %s" % task_id):
+                _unlink(task_id + ".log", self.dir_fd("logs"))
+                _unlink(task_id, self.dir_fd("pending"))
+                for name in os.listdir(tmp):  # a crashed writer's leftovers
+                    if name.startswith(task_id):
+                        _unlink(name, tmp)
+                # The commit point: once the file is renamed away the task
+                # does not exist. A destroy killed before it can simply be
+                # repeated; one killed after it leaves a tombstone, and the
+                # next sweep removes that and the lock file.
+                try:
+                    os.rename(task_id + ".json", tomb, src_dir_fd=tasks, dst_dir_fd=tmp)
+                except FileNotFoundError:
+                    pass
+                os.fsync(tasks)
+                _unlink(task_id, self.dir_fd("locks"))
+                _unlink(tomb, tmp)
 
     def forget_marker(self, task_id):
-        """Drop the Pending marker of a finished task."""
-        _unlink(task_id, self.dir_fd("pending"))
+        """Drop the Pending marker of a finished task (best effort: a stale
+        marker only costs ``ls`` one more look at the task)."""
+        try:
+            _unlink(task_id, self.dir_fd("pending"))
+        except OSError:
+            pass
+
+    def sweep_tmp(self, age):
+        """Remove what processes killed midway left in ``tmp/``: temporary
+        files older than ``age`` seconds, and the tombstones of interrupted
+        destroys together with their lock files."""
+        tmp, now = self.dir_fd("tmp"), time.time()
+        for name in os.listdir(tmp):
+            try:
+                if name.endswith(TOMBSTONE):
+                    _unlink(name[: -len(TOMBSTONE)], self.dir_fd("locks"))
+                    _unlink(name, tmp)
+                elif now - os.stat(name, dir_fd=tmp, follow_symlinks=False).st_mtime > age:
+                    _unlink(name, tmp)
+            except OSError:
+                pass
 
     def forget_stale_marker(self, task_id, age):
         """Remove the marker and lock left by a ``create`` that died before

@@ -111,8 +111,12 @@ class Context:
             self.store.annotate(self.task_id, add)
 
     def forget_artifact(self, path):
-        """Stop treating ``path`` as an artifact (it has been removed, or
-        it is now the operation's result)."""
+        """Stop treating ``path`` as an artifact: it no longer exists
+        (removed, or renamed to its final name), or it turned out not to be
+        ours. Do not forget an operation's result: it stays declared until
+        the Completed transition drops every artifact in the same atomic
+        write that marks success, so no cancel or crash in between can
+        leave a failed task's output behind."""
         path = os.path.abspath(path)
         with self.critical():
             self.store.annotate(self.task_id, lambda t: t.artifacts.remove(path) if path in t.artifacts else None)

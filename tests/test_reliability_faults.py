@@ -1,0 +1,368 @@
+"""Disk full and I/O errors: every store write that fails (ENOSPC, EIO) at
+any of its system calls leaves the previous state whole and is reported as
+a clear error; a really full file system (a 64 KiB tmpfs) never corrupts a
+task and the executables answer with the error record.
+
+Faults are injected through the store module's own ``os`` reference
+(``plugin.store.os``), so nothing else in the process is affected.
+"""
+
+import errno
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+import plugin.store
+from conftest import run_bin
+from faults import (
+    Bystander,
+    Counter,
+    FailAt,
+    OSProxy,
+    dead_identity,
+    fork_call,
+    kill_live_workers,
+    leftovers,
+    names_errno,
+    report,
+    snapshot,
+    task_file_problems,
+)
+from plugin import worker
+from plugin.errors import InternalError
+from plugin.state import Completed, Pending
+from plugin.store import Store
+
+pytestmark = pytest.mark.reliability
+
+ERRNOS = (errno.ENOSPC, errno.EIO)
+
+
+def _make(store, kind):
+    """A subject task for one operation, and the operation itself."""
+    if kind == "create":
+        return None, lambda: store.create("new")
+    task = store.create(kind)
+    store.transition(task.id, lambda t: Pending(0.2))
+    if kind == "progress":
+        return task.id, lambda: store.transition(task.id, lambda t: Pending(0.5))
+    if kind == "complete":
+        return task.id, lambda: store.transition(task.id, lambda t: Completed(1.0))
+    if kind == "annotate":
+        return task.id, lambda: store.annotate(task.id, lambda t: t.artifacts.append("/nonexistent/x"))
+    if kind == "destroy":
+        store.transition(task.id, lambda t: Completed(1.0))
+        return task.id, lambda: store.destroy(task.id)
+    raise ValueError(kind)
+
+
+def _plan(store, kind):
+    """The mutating system calls ``kind`` makes, by name, in order."""
+    _make(store, kind)  # warm up (subdirectories exist)
+    _, op = _make(store, kind)
+    counter = Counter()
+    plugin.store.os = OSProxy(counter)
+    try:
+        op()
+    finally:
+        plugin.store.os = os
+    return counter.calls
+
+
+def _points(calls):
+    """``(name, n)`` for every call: the n-th call of that name."""
+    seen, out = {}, []
+    for name in calls:
+        seen[name] = seen.get(name, 0) + 1
+        out.append((name, seen[name]))
+    return out
+
+
+def _inject(store, state_dir, kind, name, n, err):
+    """Run ``kind`` with the n-th ``name`` call failing with ``err``.
+    Returns (exception or None, files before, files after, subject id)."""
+    task_id, op = _make(store, kind)
+    before = snapshot(state_dir)
+    ids_before = store.ids()
+    hook = FailAt(name, n, err)
+    plugin.store.os = OSProxy(hook)
+    raised = None
+    try:
+        op()
+    except BaseException as e:  # noqa: B902 - we classify it below
+        raised = e
+    finally:
+        plugin.store.os = os
+    assert hook.fired, "no %s #%d in %s" % (name, n, kind)
+    return raised, before, snapshot(state_dir), task_id, ids_before
+
+
+def _retry(store, kind, task_id):
+    if kind == "create":
+        store.create("again")
+    elif kind == "progress":
+        assert store.transition(task_id, lambda t: Pending(0.5)).state == Pending(0.5)
+    elif kind == "complete":
+        assert store.transition(task_id, lambda t: Completed(1.0)).state == Completed(1.0)
+    elif kind == "annotate":
+        assert store.annotate(task_id, lambda t: t.artifacts.append("/x")).artifacts == ["/x"]
+
+
+def test_write_faults_leave_previous_state_intact(store, state_dir):
+    """Promise: when any system call of a task write fails before the new
+    file is renamed into place (creating the temporary file, writing it,
+    fsyncing it, renaming it) with ENOSPC or EIO, the call raises
+    plugin.errors.InternalError naming the error, the task's file keeps its
+    previous bytes, no temporary file is left, a failed create leaves no
+    trace at all, and the same call succeeds once the fault is gone."""
+    trials = 0
+    for kind in ("create", "progress", "complete", "annotate"):
+        calls = _plan(store, kind)
+        write_start = len(calls) - 1 - calls[::-1].index("open")  # the temporary file's open
+        for name, n in _points(calls)[write_start:]:
+            if name == "fsync" and n == calls.count("fsync"):
+                continue  # the directory fsync comes after the rename: see the next test
+            if name not in ("open", "write", "fsync", "rename"):
+                continue
+            for err in ERRNOS:
+                raised, before, after, task_id, ids_before = _inject(store, state_dir, kind, name, n, err)
+                trials += 1
+                where = "%s: %s #%d %s" % (kind, name, n, errno.errorcode[err])
+                assert isinstance(raised, InternalError), "%s raised %r" % (where, raised)
+                assert names_errno(str(raised), err), "%s: %s" % (where, raised)
+                assert after == before, "%s changed the store" % where
+                assert leftovers(state_dir, "tmp") == []
+                assert store.ids() == ids_before
+                _retry(store, kind, task_id)  # the fault is gone: the same call works
+    assert task_file_problems(state_dir) == []
+    report("write faults before rename", trials=trials, faults_injected=trials, failures=0)
+
+
+def test_every_store_io_error_is_an_internal_error(store, state_dir):
+    """Promise: every failing system call of a store write (including the
+    directory fsync after the rename, the lock and marker files of create,
+    and destroy's unlinks and fsync) raises plugin.errors.InternalError
+    naming the error, and every task file stays whole (old or new). The one
+    exception is by design: dropping the Pending marker after a durable
+    Completed write is best effort, and the call succeeds."""
+    trials, wrong = 0, []
+    for kind in ("create", "progress", "complete", "annotate", "destroy"):
+        calls = _plan(store, kind)
+        for name, n in _points(calls):
+            if name not in ("open", "write", "fsync", "rename", "unlink"):
+                continue
+            for err in (errno.EIO,) if name == "unlink" else ERRNOS:  # unlink never says ENOSPC
+                raised, before, after, task_id, _ = _inject(store, state_dir, kind, name, n, err)
+                trials += 1
+                where = "%s: %s #%d (%s)" % (kind, name, n, errno.errorcode[err])
+                if kind == "complete" and name == "unlink":
+                    # The Pending marker is dropped after the task is durably
+                    # Completed, best effort: the call succeeded.
+                    if raised is not None or not store.get(task_id).state.terminal:
+                        wrong.append("%s raised %r after a durable completion" % (where, raised))
+                    continue
+                if not (isinstance(raised, InternalError) and names_errno(str(raised), err)):
+                    wrong.append("%s raised %s" % (where, type(raised).__name__ if raised else "nothing"))
+                assert task_file_problems(state_dir) == []
+    report("every store I/O error", trials=trials, faults_injected=trials, not_internal_error=len(wrong),
+           failures=len(wrong))
+    for line in wrong:
+        print("  " + line)
+    assert wrong == [], "%d of %d failing system calls escape the store as something else than InternalError" % (len(wrong), trials)
+
+
+def _valid_error_record(record):
+    return (
+        set(record) == {"code", "params", "backtrace"}
+        and isinstance(record["code"], str)
+        and isinstance(record["params"], list) and record["params"] and all(isinstance(p, str) for p in record["params"])
+        and set(record["backtrace"]) == {"error", "files", "lines"}
+        and isinstance(record["backtrace"]["error"], str)
+        and all(isinstance(f, str) for f in record["backtrace"]["files"])
+        and all(type(n) is int for n in record["backtrace"]["lines"])
+        and len(record["backtrace"]["files"]) == len(record["backtrace"]["lines"])
+    )
+
+
+def test_executables_answer_write_faults_with_the_error_record(store, state_dir, monkeypatch):
+    """Promise: a Task.cancel / Task.stat (reconciling a lost worker) whose
+    store write fails with ENOSPC or EIO answers exit 1 with a valid
+    Internal_error record naming the error, and leaves every task file as
+    it was; Task.ls still lists every task (exit 0) and changes nothing."""
+    monkeypatch.setenv("TASK_CANCEL_GRACE", "60")
+    sleeper = Bystander()
+    trials = 0
+    try:
+        for method in ("Task.cancel", "Task.stat", "Task.ls"):
+            for name in ("open", "write", "fsync", "rename"):
+                for err in ERRNOS:
+                    task = store.create("exe-fault")
+                    # Task.cancel: a live "worker" (the sleeper, never signalled: the
+                    # write fails first); Task.stat/ls: a dead worker to reconcile.
+                    ident = sleeper.identity if method == "Task.cancel" else dead_identity()
+                    store.annotate(task.id, lambda t: setattr(t, "worker", ident))
+                    before = snapshot(state_dir)
+                    params = {"dbg": "d"} if method == "Task.ls" else {"dbg": "d", "id": task.id}
+                    status, out = fork_call(method, params, hook=lambda pid, name=name, err=err: FailAt(name, 1, err))
+                    trials += 1
+                    record = json.loads(out)
+                    where = "%s with %s failing (%s)" % (method, name, errno.errorcode[err])
+                    if method == "Task.ls":
+                        # ls still lists what exists; the task stays as it was
+                        # for a later call to reconcile.
+                        assert status == 0 and task.id in record, (where, out)
+                        assert snapshot(state_dir) == before, where
+                        store.transition(task.id, lambda t: Completed(0.0))
+                        continue
+                    assert status == 1, (where, out)
+                    assert _valid_error_record(record), (where, record)
+                    assert record["params"][0] == "Internal_error" and names_errno(record["params"][1], err), (where, record)
+                    assert snapshot(state_dir) == before, where
+                    assert sleeper.alive()
+                    store.transition(task.id, lambda t: Completed(0.0))  # out of the way of the next Task.ls
+    finally:
+        sleeper.stop()
+    report("executables under write faults", trials=trials, faults_injected=trials, failures=0)
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 64 KiB tmpfs (we are root); unmounted at teardown."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here: %s" % res.stderr.decode().strip())
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(path):
+    """Fill the file system holding ``path``; returns the filler's path."""
+    filler = os.path.join(path, "filler")
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        chunk = b"\0" * 4096
+        while True:
+            try:
+                os.write(fd, chunk)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+                break
+        for size in (512, 1):
+            while True:
+                try:
+                    os.write(fd, b"\0" * size)
+                except OSError:
+                    break
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_real_enospc_on_a_full_tmpfs(tiny_fs, tmp_path, monkeypatch):
+    """Promise: on a really full file system the executables still answer
+    (reads work; calls that must write answer exit 1 with an error record
+    naming ENOSPC), no existing task file changes or breaks, a worker whose
+    progress writes fail does not leave a corrupt task, a failed start
+    leaves no trace, and everything works again once space is freed."""
+    state = tiny_fs / "state"
+    monkeypatch.setenv("TASK_STATE_DIR", str(state))
+    monkeypatch.setenv("TASK_SYSLOG", "0")
+    monkeypatch.setenv("TASK_CANCEL_GRACE", "0.3")
+    from ops import write_steps
+
+    sleeper = Bystander()
+    answers = {}
+    try:
+        with Store(str(state)) as store:
+            done = store.create("done")
+            store.transition(done.id, lambda t: Completed(1.0))
+            live = store.create("live")  # its "worker" is the sleeper: Pending while it lives
+            store.annotate(live.id, lambda t: setattr(t, "worker", sleeper.identity))
+            lost = store.create("lost")  # its worker is gone: the next call must write
+            lost_ident = dead_identity()
+            store.annotate(lost.id, lambda t: setattr(t, "worker", lost_ident))
+            out = tmp_path / "worker.out"  # the output is elsewhere: only store writes fail
+            running = worker.start("running", write_steps, {"path": str(out), "steps": 300, "delay": 0.01}, store=store)
+            filler = _fill(str(tiny_fs))
+            before = snapshot(state, dirs=("tasks",))
+
+            def call(method, task_id=None):
+                params = {"dbg": "d"} if task_id is None else {"dbg": "d", "id": task_id}
+                res = run_bin(method, params)
+                answers.setdefault(method, []).append(res.returncode)
+                if res.returncode == 1:
+                    assert _valid_error_record(res.json), res.stdout
+                return res
+
+            assert call("Task.stat", done.id).json["state"][0] == "Completed"
+            assert call("Task.stat", live.id).json["state"] == ["Pending", 0.0]
+            res = call("Task.stat", lost.id)
+            assert res.returncode == 1 and res.json["params"][0] == "Internal_error"
+            assert names_errno(res.json["params"][1], errno.ENOSPC), res.json
+            res = call("Task.cancel", live.id)
+            assert res.returncode == 1 and names_errno(res.json["params"][1], errno.ENOSPC), res.json
+            assert sleeper.alive()
+            assert call("Task.destroy", live.id).error_name == "Task_in_progress"
+            res = call("Task.ls")
+            assert res.returncode in (0, 1)
+            if res.returncode == 1:
+                assert names_errno(res.json["params"][1], errno.ENOSPC)
+            with pytest.raises(InternalError) as failed:
+                worker.start("no-room", write_steps, {"path": str(tmp_path / "x"), "steps": 1, "delay": 0}, store=store)
+            assert names_errno(str(failed.value), errno.ENOSPC)
+            after = snapshot(state, dirs=("tasks",))
+            # The running worker may have had a write land before the disk
+            # filled up; every other task file is byte for byte the same.
+            changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+            assert changed <= {"tasks/%s.json" % running}, changed
+            assert task_file_problems(state) == []
+            assert leftovers(state, "tmp") == []
+            assert sorted(leftovers(state, "tasks")) == sorted("%s.json" % i for i in (done.id, live.id, lost.id, running))
+            time.sleep(0.5)  # the worker's progress writes now fail
+            assert task_file_problems(state) == []
+
+            os.unlink(filler)  # space again
+            assert call("Task.stat", lost.id).json["state"][0] == "Failed"
+            deadline = time.monotonic() + 20
+            while call("Task.stat", running).json["state"][0] == "Pending" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            final = store.get(running)
+            assert final.state.terminal and (isinstance(final.state, Completed) or not out.exists()), final.state
+            assert call("Task.destroy", done.id).returncode == 0
+            assert call("Task.ls").returncode == 0
+            assert task_file_problems(state) == []
+            running_state = final.state
+    finally:
+        sleeper.stop()
+        kill_live_workers(state)
+    report("real ENOSPC (64 KiB tmpfs)", calls=sum(len(v) for v in answers.values()),
+           exit_codes={k: v for k, v in answers.items()}, worker_running_when_full=repr(running_state), failures=0)
+
+
+def test_task_ls_still_lists_when_the_disk_is_full(tiny_fs, monkeypatch):
+    """Promise: Task.ls lists every task id (README); reconciling Pending
+    tasks is a side job that it skips for a task it cannot fix (as it
+    already does for an unreadable one). On a full disk with one Pending
+    task whose worker is gone, Task.ls must still answer the listing."""
+    state = tiny_fs / "state"
+    monkeypatch.setenv("TASK_STATE_DIR", str(state))
+    monkeypatch.setenv("TASK_SYSLOG", "0")
+    with Store(str(state)) as store:
+        done = store.create("done")
+        store.transition(done.id, lambda t: Completed(1.0))
+        lost = store.create("lost")
+        ident = dead_identity()
+        store.annotate(lost.id, lambda t: setattr(t, "worker", ident))
+    filler = _fill(str(tiny_fs))
+    res = run_bin("Task.ls", {"dbg": "d"})
+    report("Task.ls on a full disk", trials=1, faults_injected=1, exit=res.returncode,
+           answer=res.stdout.decode()[:160], failures=int(res.returncode != 0))
+    assert res.returncode == 0 and res.json == [done.id, lost.id], res.stdout
+    os.unlink(filler)
