@@ -2,7 +2,7 @@
 PYTHON ?= python3
 DEBS = qemu-utils nbdkit libnbd-bin rpm
 
-.PHONY: deps test demo bench rpm
+.PHONY: deps test demo bench rpm reliability
 
 # Everything the demo and the tests need: Python packages from PyPI and the
 # NBD servers/tools from Debian's packages (root needed for apt-get).
@@ -20,3 +20,12 @@ demo: deps
 # Source RPM and noarch RPM from the working tree into ./rpmbuild/ (packaging/README.md).
 rpm:
 	bash tools/build-rpm.sh
+
+# Every benchmark figure beside its baseline, as a table and as JSON in
+# bench/results/latest.json (a few minutes; sizes: python3 bench/run.py --help).
+bench: deps
+	$(PYTHON) bench/run.py
+
+# The reliability suite alone (make test runs it too).
+reliability: deps
+	$(PYTHON) -m pytest -m reliability -rA tests/test_reliability_*.py

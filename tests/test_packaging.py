@@ -24,6 +24,7 @@ SCRIPT_DIR = "/usr/libexec/xapi-storage-script"
 PLUGIN_DIR = SCRIPT_DIR + "/datapath/" + NAME
 STATE_DIR = "/run/" + NAME
 TMPFILES = "/usr/lib/tmpfiles.d/%s.conf" % NAME
+UNIT = "/usr/lib/systemd/system/xapi-storage-tasksd.service"
 DOC_DIR = "/usr/share/doc/" + NAME
 SITELIB = re.compile(r"^/usr/lib/python3\.\d+/site-packages$")
 BUILD_RPM = os.path.join(ROOT, "tools", "build-rpm.sh")
@@ -196,6 +197,7 @@ def test_every_packaged_file_is_expected(listing, sitelib):
         PLUGIN_DIR,
         PLUGIN_DIR + "/dispatch",
         TMPFILES,
+        UNIT,
         DOC_DIR,
         DOC_DIR + "/README.md",
         DOC_DIR + "/README.packaging.md",
