@@ -4,6 +4,10 @@ Every failure a caller can see is a :class:`PluginError`. Each subclass has a
 stable ``name`` that becomes the first element of ``params`` in the XAPI
 error record; the rest of ``params`` are human-readable details. Translation
 to the wire happens only in :mod:`plugin.runner` (and the daemon boundary).
+
+The last three belong to the socket transport: the daemon's refusals of a
+connection (``Permission_denied``, ``Service_unavailable``) and the
+client's failure to reach the daemon at all (``Daemon_unavailable``).
 """
 
 CODE = "SR_BACKEND_FAILURE"
@@ -81,3 +85,28 @@ class NbdError(OperationFailed):
     """The NBD server refused, dropped the connection, or answered an error."""
 
     name = "Nbd_error"
+
+
+# -- the socket transport --------------------------------------------------------
+
+
+class PermissionDenied(PluginError):
+    """The daemon refused the peer: its uid or group is not allowed."""
+
+    name = "Permission_denied"
+
+
+class ServiceUnavailable(PluginError):
+    """The daemon is at its connection limit; try again shortly."""
+
+    name = "Service_unavailable"
+
+
+class DaemonUnavailable(PluginError):
+    """The daemon could not be reached, or broke the connection without an
+    answer. Raised by the client only; never on the wire. ``absent`` is
+    true when nothing listens at the socket (no such file, or connection
+    refused): the request was certainly not served."""
+
+    name = "Daemon_unavailable"
+    absent = False

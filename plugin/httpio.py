@@ -14,9 +14,9 @@ timeout, and once the first byte of a request has arrived the whole request
 must arrive within the request timeout (a half-sent request cannot hold a
 connection forever).
 
-Also here, because both ends need them: the default socket path and the
-transport-level error names (``Permission_denied``, ``Service_unavailable``)
-that the daemon puts in the error record when it refuses a connection.
+Also here, because both ends need it: the default socket path. (The error
+names the daemon answers a refused connection with, ``Permission_denied``
+and ``Service_unavailable``, are in :mod:`plugin.errors`.)
 """
 
 import os
@@ -25,7 +25,6 @@ import socket
 import time
 
 from plugin import store
-from plugin.errors import PluginError
 from plugin.runner import MAX_INPUT
 
 MAX_BODY = MAX_INPUT  # the executables' limit, so both transports agree
@@ -60,18 +59,6 @@ def default_socket():
     (``/run/xapi-storage-tasks/daemon.sock`` for root), so a daemon and a
     client that agree on ``TASK_STATE_DIR`` find each other."""
     return os.path.join(store.default_path(), SOCKET_NAME)
-
-
-class PermissionDenied(PluginError):
-    """The daemon refused the peer: its uid or group is not allowed."""
-
-    name = "Permission_denied"
-
-
-class ServiceUnavailable(PluginError):
-    """The daemon is at its connection limit; try again shortly."""
-
-    name = "Service_unavailable"
 
 
 class HttpError(Exception):
