@@ -266,12 +266,19 @@ def encode_result(kind, value):
     raise ValueError("unknown result kind %r" % kind)
 
 
+# Bytes that a JSON string cannot hold unescaped.
+_UNSAFE = bytes(range(32)) + b'"\\\x7f'
+
+
 def dumps(value):
     """The JSON text of a result. A long list of ids (``Task.ls`` of a big
-    store) takes a fast path: plain strings need no escaping, so joining
-    them is several times cheaper than the general encoder."""
-    if type(value) is list and len(value) > 64 and all(type(v) is str for v in value):
-        body = '","'.join(value)
-        if body.isascii() and body.isprintable() and '"' not in body and "\\" not in body:
-            return '["%s"]' % body
+    store) takes a fast path: strings that need no escaping are joined,
+    which is several times cheaper than the general encoder."""
+    if type(value) is list and len(value) > 64:
+        try:
+            body = '","'.join(value).encode("ascii")
+        except (TypeError, UnicodeEncodeError):
+            body = None
+        if body is not None and len(body.translate(None, _UNSAFE)) == len(body):
+            return '["%s"]' % body.decode("ascii")
     return json.dumps(value, allow_nan=False)
