@@ -4,7 +4,9 @@ Figures (each beside ``python3 -c pass`` measured in the same run, same
 interpreter):
 - ``Task.stat`` of a Pending task (goal: at most 1.25x);
 - ``Task.ls`` with 0, 10,000 and 100,000 tasks (goal at 100,000: at most 2x);
-- ``Task.stat`` with 100,000 tasks in the store (should stay flat).
+- ``Task.stat`` with 100,000 tasks in the store (should stay flat);
+- ``Data.copy`` returning (request validated, task made, worker started;
+  goal: at most 2x, as for any starter).
 """
 
 import json
@@ -51,9 +53,18 @@ def run(args):
         base = time_command([py, "-c", "pass"], env=env, repeat=n)
         rows.append(row("Task.stat (Pending task)", time_command([py, os.path.join(BIN, "Task.stat"), "--json"], stat_in, env, n),
                         baseline=base, baseline_name="python -c pass", goal="<= 1.25x"))
+        src, dst = os.path.join(tmp, "src.img"), os.path.join(tmp, "dst.img")
+        for path in (src, dst):
+            with open(path, "wb") as f:
+                f.write(b"x" * 65536)
+        copy_in = json.dumps({"dbg": "b", "uri": src, "domain": "0", "remote": "file://" + dst, "blocklist": None}).encode()
+        rows.append(row("Data.copy returns (task + worker started)",
+                        time_command([py, os.path.join(BIN, "Data.copy"), "--json"], copy_in, env, n),
+                        baseline=base, baseline_name="python -c pass", goal="<= 2x"))
         rows.append(row("Task.ls, 1 task", time_command([py, os.path.join(BIN, "Task.ls"), "--json"], ls_in, env, n),
                         baseline=base, baseline_name="python -c pass"))
-        have = 1
+        with Store(state) as store:
+            have = len(store.ids())
         for count in sorted(set([min(10_000, args.tasks), args.tasks])):
             populate(state, count - have)
             have = count

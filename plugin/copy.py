@@ -15,7 +15,7 @@ by a ``file://``, ``raw+file://``, ``loop+blkback://`` or ``raw+block://``
 URI (the spellings SMAPIv3 volume plugins hand out; percent-encoded, and a
 doubled leading slash, as ``"raw+file:///" + path`` produces, is fine).
 Local targets take the same forms; remote targets are NBD URIs
-(:func:`plugin.nbd.parse_uri`). Data lands at the same offsets as in the
+(:func:`plugin.nbd_uri.parse_uri`). Data lands at the same offsets as in the
 source.
 
 Without a blocklist the whole source is copied; with one, exactly the
@@ -39,7 +39,7 @@ import stat
 import time
 import urllib.parse
 
-from plugin import extents, nbd, store, targets
+from plugin import extents, nbd_uri, store
 from plugin.errors import InvalidArguments, OperationFailed
 
 LOCAL_SCHEMES = ("file", "raw+file", "loop+blkback", "raw+block")
@@ -166,8 +166,8 @@ def needed_bytes(blocklist, size):
 
 
 def _plan_target(remote, source_st, needed):
-    if isinstance(remote, str) and nbd.is_nbd_uri(remote):
-        nbd.parse_uri(remote)  # InvalidArguments if malformed; connecting is the worker's job
+    if isinstance(remote, str) and nbd_uri.is_nbd_uri(remote):
+        nbd_uri.parse_uri(remote)  # InvalidArguments if malformed; connecting is the worker's job
         return {"kind": "nbd", "uri": remote}
     path = local_path(remote, "target")
     if path.endswith("/"):
@@ -212,7 +212,7 @@ def plan(uri, remote, blocklist):
     arguments of :func:`run` (JSON-able). ``blocklist`` is None (everything)
     or ``(blocksize, [(start, length), ...])`` in blocks, sorted and
     non-overlapping. Raises InvalidArguments; never connects to a server."""
-    if nbd.is_nbd_uri(uri):
+    if nbd_uri.is_nbd_uri(uri):
         raise InvalidArguments("source %r: NBD sources are not supported" % uri)
     source = local_path(uri, "source")
     source_st, size = _examine_source(source)
@@ -281,6 +281,8 @@ def run(ctx, source, source_size, blocklist, target):
     fd = _open_source(source, source_size)
     try:
         needed = needed_bytes(blocklist, source_size)
+        from plugin import targets  # the worker's side only: sockets, ctypes
+
         dest = targets.open_target(ctx, target, needed, exact=blocklist is None)
         try:
             total = sum(n for _, n, _ in _work(fd, blocklist, source_size, dest.zero_from))

@@ -7,17 +7,15 @@ window, READ, FLUSH and DISC. Every failure is an :class:`NbdError` (or
 :class:`InvalidArguments` for a malformed URI), never a bare ``OSError``.
 """
 
-import collections
 import errno
 import os
 import socket
 import stat
 import struct
-import urllib.parse
 
-from plugin.errors import InvalidArguments, NbdError
+from plugin.errors import NbdError
+from plugin.nbd_uri import DEFAULT_PORT, Address, is_nbd_uri, parse_uri  # noqa: F401 (re-exported)
 
-DEFAULT_PORT = 10809
 MAX_PAYLOAD = 32 << 20          # our cap on one request's payload
 WINDOW_REQUESTS = 16            # pipelining window: requests in flight ...
 WINDOW_BYTES = 64 << 20         # ... or payload bytes in flight
@@ -47,91 +45,6 @@ NBD_ERRNO = {1: "EPERM", 5: "EIO", 12: "ENOMEM", 22: "EINVAL", 28: "ENOSPC",
 _REQUEST = struct.Struct(">IHHQQI")   # magic, flags, type, handle, offset, len
 _REPLY = struct.Struct(">IIQ")        # magic, error, handle
 _OPT_REPLY = struct.Struct(">QIII")   # magic, option, reply type, length
-
-
-class Address(collections.namedtuple("Address", "socket_path host port export")):
-    """Where an export lives: ``socket_path`` (then ``host`` is None and
-    ``port`` 0) or ``host``/``port``; plus the ``export`` name."""
-
-    __slots__ = ()
-
-    def __str__(self):
-        if self.socket_path is not None:
-            return "unix socket %s (export '%s')" % (self.socket_path, self.export)
-        host = "[%s]" % self.host if ":" in self.host else self.host
-        return "%s:%d (export '%s')" % (host, self.port, self.export)
-
-
-def is_nbd_uri(s):
-    """Cheap prefix check: does ``s`` look like an NBD URI (valid or not)?"""
-    # Broad on purpose: nbds:// or nbd+tcp:// should reach parse_uri and get
-    # a clear "unsupported" error rather than be taken for a file name.
-    return isinstance(s, str) and s.startswith(("nbd:", "nbd+", "nbds:", "nbds+"))
-
-
-def _bad(uri, why):
-    return InvalidArguments("invalid NBD URI %r: %s" % (uri, why))
-
-
-def parse_uri(uri):
-    """Parse an NBD URI into an :class:`Address`; raise InvalidArguments.
-
-    Accepted: ``nbd+unix:///EXPORT?socket=/abs/path``, ``nbd://HOST[:PORT]/
-    EXPORT`` (IPv6 as ``[::1]``; both percent-decoded), and qemu's
-    ``nbd:unix:/abs/path[:exportname=NAME]`` and
-    ``nbd:HOST:PORT[:exportname=NAME]``.
-    """
-    try:
-        if isinstance(uri, str) and uri.startswith(("nbd://", "nbd+unix://")):
-            return _parse_standard(uri)
-        if isinstance(uri, str) and uri.startswith("nbd:"):
-            return _parse_legacy(uri)
-    except ValueError as e:  # bad port, bad percent-encoding (UnicodeError)
-        raise _bad(uri, str(e)) from None
-    raise _bad(uri, "unsupported scheme (use nbd:// or nbd+unix://)")
-
-
-def _parse_standard(uri):
-    parts = urllib.parse.urlsplit(uri)
-    port = parts.port  # a property: raises ValueError on a bad port
-    if parts.fragment:
-        raise _bad(uri, "unexpected fragment")
-    export = urllib.parse.unquote(parts.path[1:], errors="strict")
-    # Query values are percent-encoded; '+' is literal (not form encoding).
-    query = {}
-    for item in filter(None, parts.query.split("&")):
-        key, _, value = item.partition("=")
-        query.setdefault(key, []).append(urllib.parse.unquote(value, errors="strict"))
-    if parts.scheme == "nbd+unix":
-        sockets = query.get("socket", [])
-        if parts.netloc:
-            raise _bad(uri, "nbd+unix URIs must not name a host")
-        if len(sockets) != 1 or not os.path.isabs(sockets[0]):
-            raise _bad(uri, "need exactly one socket= with an absolute path")
-        return Address(sockets[0], None, 0, export)
-    if not parts.hostname:
-        raise _bad(uri, "missing host")
-    if port == 0:
-        raise _bad(uri, "bad port 0")
-    return Address(None, parts.hostname, port or DEFAULT_PORT, export)
-
-
-def _parse_legacy(uri):
-    # qemu's syntax has no escaping: the path or host simply cannot hold ':'.
-    rest, _, export = uri[len("nbd:"):].partition(":exportname=")
-    if rest.startswith("unix:"):
-        if not os.path.isabs(rest[len("unix:"):]):
-            raise _bad(uri, "socket path must be absolute")
-        return Address(rest[len("unix:"):], None, 0, export)
-    if rest.startswith("["):
-        host, _, port = rest[1:].partition("]:")
-    else:
-        host, _, port = rest.rpartition(":")
-        if ":" in host:
-            raise _bad(uri, "write IPv6 hosts as [addr]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise _bad(uri, "expected nbd:unix:PATH or nbd:HOST:PORT (valid port)")
-    return Address(None, host, int(port), export)
 
 
 def _flag(bit):

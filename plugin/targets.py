@@ -35,7 +35,6 @@ import ctypes
 import errno
 import fcntl
 import os
-import secrets
 import stat
 import struct
 
@@ -225,7 +224,7 @@ class NewFile(Local):
     def __init__(self, ctx, path, size):
         directory, name = os.path.split(path)
         # Hidden, unique, and within NAME_MAX however long the final name is.
-        tmp = os.path.join(directory, ".%s.%s.part" % (name[:200], secrets.token_hex(6)))
+        tmp = os.path.join(directory, ".%s.%s.part" % (name[:200], os.urandom(6).hex()))
         if os.path.lexists(path):
             raise OperationFailed("target %s appeared after the copy was planned; left alone" % path)
         self.ctx, self.final, self.renamed = ctx, path, False

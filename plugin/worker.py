@@ -25,7 +25,7 @@ import traceback
 
 from plugin import lifecycle, log, proc
 from plugin.errors import PluginError, TaskDoesNotExist
-from plugin.state import CANCELLED, Completed, Failed, Pending, TransitionRefused
+from plugin.state import CANCELLED, Completed, Pending, TransitionRefused
 from plugin.store import Store
 
 START_WAIT = 10.0
