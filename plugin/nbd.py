@@ -211,15 +211,23 @@ class Client:
 
     def _request(self, cmd, offset, length, flags=0, payload=0, read_buf=None):
         """Send one request header (the caller sends any payload next)."""
-        # Wait for room in the window so memory and the server's queue stay bounded.
+        # Wait for room in the window so memory and the server's queue stay
+        # bounded, and for any in-flight request that overlaps this one: a
+        # server may run requests in any order, so overlapping writes in
+        # flight together could land in either order.
         while self._inflight and (len(self._inflight) >= WINDOW_REQUESTS or
-                                  self._inflight_bytes + payload > WINDOW_BYTES):
+                                  self._inflight_bytes + payload > WINDOW_BYTES or
+                                  self._overlaps(offset, length)):
             self._read_reply()
         handle, self._next_handle = self._next_handle, self._next_handle + 1
         self._send(_REQUEST.pack(REQUEST_MAGIC, flags, cmd, handle, offset, length),
                    "sending a %s request" % CMD_NAMES[cmd])
         self._inflight[handle] = (cmd, offset, length, read_buf, payload)
         self._inflight_bytes += payload
+
+    def _overlaps(self, offset, length):
+        end = offset + length
+        return any(o < end and offset < o + n for _, o, n, _, _ in self._inflight.values())
 
     def _read_reply(self):
         """Read one simple reply; raise NbdError if it reports an error."""

@@ -409,3 +409,18 @@ def test_pipelined_scattered_writes(start_server):
         c.flush()
         for o in offsets:
             assert c.pread(64 * 1024, o) == blocks[o], o
+
+
+def test_overlapping_requests_are_never_in_flight_together(start_server):
+    """A server may reorder requests in flight: a write that overlaps an
+    unanswered one must wait for it, so the later write always wins."""
+    server = start_server("nbdkit", "--filter=nozero")
+    with server.connect() as c:
+        for round_ in range(20):
+            c.pwrite(pattern(MiB, round_ + 1), 0)
+            assert any(o == 0 for _, o, _, _, _ in c._inflight.values())
+            c.write_zeroes(4096, 8192)  # overlaps the write still in flight
+            # the big write was answered before the overlapping one was sent
+            assert not any(o == 0 and n == MiB for _, o, n, _, _ in c._inflight.values())
+            got = c.pread(MiB, 0)
+            assert got[4096:4096 + 8192] == bytes(8192), round_
