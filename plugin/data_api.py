@@ -8,7 +8,7 @@ process (bad input makes no task), then run by a detached worker
 
 from plugin import lifecycle
 from plugin.codec import OPERATION_TAGS
-from plugin.errors import PluginError, TaskDoesNotExist, Unimplemented
+from plugin.errors import PluginError, TaskCorrupt, TaskDoesNotExist, Unimplemented
 from plugin.store import Store
 
 
@@ -26,31 +26,34 @@ def mirror(dbg, uri, domain, remote):
     raise Unimplemented("Data.mirror")
 
 
-def _task_of(store, operation):
+def _check_kind(store, operation):
+    """The operation names a task of its kind (a plain task, or a copy
+    asked about as a mirror, does not exist as that operation)."""
     kind, task_id = operation
-    task = lifecycle.reconcile(store, task_id)
-    if task.kind != kind:  # e.g. a plain task asked about as a copy
+    if store.get(task_id).kind != kind:
         raise TaskDoesNotExist(task_id)
-    return task
+    return task_id
 
 
 def stat(dbg, operation):
     """``{failed, complete, progress}`` of the operation's task."""
     with Store() as store:
-        return _task_of(store, operation).state
+        return lifecycle.reconcile(store, _check_kind(store, operation)).state
 
 
 def cancel(dbg, operation):
     """As ``Task.cancel``."""
     with Store() as store:
-        _task_of(store, operation)
-        lifecycle.request_cancel(store, operation[1])
+        lifecycle.request_cancel(store, _check_kind(store, operation))
 
 
 def destroy(dbg, operation):
-    """As ``Task.destroy``."""
+    """As ``Task.destroy``, unreadable task files included."""
     with Store() as store:
-        _task_of(store, operation)
+        try:
+            _check_kind(store, operation)
+        except TaskCorrupt:
+            pass  # as Task.destroy: removing it is the operator's way out
         lifecycle.destroy(store, operation[1])
 
 

@@ -30,7 +30,7 @@ import os
 import stat
 import time
 
-from plugin import ids
+from plugin import ids, log
 from plugin.errors import InternalError, StateDirInvalid, TaskCorrupt, TaskDoesNotExist, TaskInProgress
 from plugin.state import Pending, check
 from plugin.task import Task
@@ -191,8 +191,6 @@ class Store:
         return task
 
     def _corrupt(self, task_id, why):
-        from plugin import log
-
         log.store_event(self, "task %s is corrupt: %s" % (task_id, why))
         return TaskCorrupt(task_id, why)
 
@@ -203,20 +201,19 @@ class Store:
         data = json.dumps(task.to_disk(), separators=(",", ":")).encode()
         tmp = "%s.%s" % (task.id, os.urandom(4).hex())
         try:
-            fd = os.open(tmp, _O_NEW, 0o600, dir_fd=tmp_d)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, task.id + ".json", src_dir_fd=tmp_d, dst_dir_fd=d)
-        except BaseException as e:
+            with _io("cannot write task %s" % task.id):
+                fd = os.open(tmp, _O_NEW, 0o600, dir_fd=tmp_d)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, task.id + ".json", src_dir_fd=tmp_d, dst_dir_fd=d)
+        except BaseException:
             _unlink(tmp, tmp_d)
-            if not isinstance(e, OSError):
-                raise
-            raise InternalError("cannot write task %s: %s" % (task.id, e.strerror or e))
+            raise
         with _io("cannot make task %s durable (fsync of its directory)" % task.id):
             os.fsync(d)
 

@@ -85,3 +85,11 @@ def test_bad_blocklists_make_no_task(store, tmp_path, blocklist):
     assert run_bin("Data.copy", params).error_name == "Invalid_arguments"
     assert store.ids() == []
     assert not (tmp_path / "dst").exists()
+
+
+def test_destroy_removes_an_unreadable_operation_as_task_destroy_does(store, state_dir):
+    task_id = copy_task(store, Completed(1))
+    (state_dir / "tasks" / (task_id + ".json")).write_bytes(b"{torn")
+    assert run_bin("Data.stat", {"dbg": "d", "operation": ["CopyV1", task_id]}).error_name == "Task_corrupt"
+    assert run_bin("Data.destroy", {"dbg": "d", "operation": ["CopyV1", task_id]}).returncode == 0
+    assert run_bin("Task.ls", {"dbg": "d"}).json == []
