@@ -151,6 +151,7 @@ def test_threads_share_a_client(daemon, store):
         t.start()
     for t in threads:
         t.join(60)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
     assert not failures and 1 <= c.transport.connections_made <= 8
 
 

@@ -559,10 +559,12 @@ def test_cancel_mid_copy(copies, store, nbd_server, big_source, tmp_path, kind):
             lifecycle.request_cancel(store, task_id)
 
     state, seen = finish(store, task_id, on_progress=cancel)
-    if isinstance(state, Completed) and kind == "new-file":
+    if isinstance(state, Completed) and kind == "new-file" and not (cancelled and cancelled[0] < 1.0):
         # 512 MiB normally takes a good fraction of a second here; a
-        # reflinking filesystem (XFS, btrfs) clones it in an instant.
-        pytest.skip("the copy finished before the cancel landed (%s)" % (cancelled or "no progress seen"))
+        # reflinking filesystem (XFS, btrfs) clones it in an instant, so no
+        # progress below 1.0 is seen to cancel at. A cancel requested below
+        # 1.0 that still ended Completed fails below.
+        pytest.skip("the copy finished before a cancel could land (%s)" % (cancelled or "no progress seen"))
     assert cancelled and state == Failed(CANCELLED)
     assert seen[-1] < 1.0
     assert store.get(task_id).artifacts == []

@@ -51,6 +51,8 @@ def test_cancel_and_destroy_behave_as_their_task_twins(store):
     assert run_bin("Data.cancel", {"dbg": "d", "operation": ["CopyV1", done]}).stdout == b"null\n"
     assert store.get(done).state == Completed(1)
     pending = copy_task(store)
+    assert run_bin("Data.cancel", {"dbg": "d", "operation": ["CopyV1", pending]}).stdout == b"null\n"
+    assert store.get(pending).cancel is not None  # recorded durably for its worker
     assert run_bin("Data.destroy", {"dbg": "d", "operation": ["CopyV1", pending]}).error_name == "Task_in_progress"
     assert run_bin("Data.destroy", {"dbg": "d", "operation": ["CopyV1", done]}).stdout == b"null\n"
     assert run_bin("Task.stat", {"dbg": "d", "id": done}).error_name == "Task_does_not_exist"

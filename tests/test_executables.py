@@ -111,13 +111,18 @@ def test_bad_input_is_invalid_arguments(state_dir, stdin):
     assert all(isinstance(n, int) for n in bt["lines"])
 
 
-@pytest.mark.parametrize("bad_id", ["../x", "", "a/b", "x\u0000y", "../../etc/passwd", "/etc/passwd"])
-def test_ids_that_try_to_escape_are_refused(state_dir, tmp_path, bad_id):
+@pytest.mark.parametrize("bad_id", ["../../victim", "../x", "", "a/b", "x\u0000y", "../../etc/passwd", "/etc/passwd"])
+def test_ids_that_try_to_escape_are_refused(store, state_dir, tmp_path, bad_id):
+    # A finished task's file where "tasks/../../victim.json" points: a
+    # destroy that escaped the directory would remove it.
+    done = store.create("victim")
+    store.transition(done.id, lambda t: Completed(1))
     victim = tmp_path / "victim.json"
-    victim.write_text("{}")
+    victim.write_bytes((state_dir / "tasks" / (done.id + ".json")).read_bytes())
+    before = victim.read_bytes()
     for method in ("Task.stat", "Task.cancel", "Task.destroy"):
         assert run_bin(method, {"dbg": "d", "id": bad_id}).error_name == "Invalid_arguments"
-    assert victim.read_text() == "{}"
+    assert victim.read_bytes() == before
 
 
 def test_oversized_input_is_refused(state_dir):

@@ -270,28 +270,28 @@ def test_concurrent_callers_soak(state_dir, monkeypatch, tmp_path):
     assert sum(calls.values()) >= 50 and len(tasks) >= 5 and reads["files"] > 0, "the soak did too little to mean anything"
 
 
-def test_cancel_landing_during_forget_artifact(state_dir, store, tmp_path):
+def test_cancel_landing_while_the_task_is_marked_completed(state_dir, store, tmp_path):
     """Promise: a task ends Completed with its output, or Failed with no
-    artifact left; a cancel that lands at the instant the operation
-    forgets its finished output file (forget_artifact, just before
-    returning) must not produce a Failed ``Cancelled`` task whose output
-    file stays on disk. Deterministic: the worker gets its SIGTERM while
-    it writes the record that undeclares the artifact."""
+    artifact left. Here the cancel's SIGTERM lands at the one instant where
+    both are at stake: while the worker writes the record that marks the
+    task Completed and drops its artifacts. The write must finish (it is
+    not interruptible) and the task stays Completed with its output."""
     out = tmp_path / "out"
+    proof = tmp_path / "sigterm-sent"
 
-    def undeclares(record, previous):
-        return (record.get("state", [None])[0] == "Pending" and record.get("artifacts") == []
-                and previous is not None and previous.get("artifacts"))
+    def completing(record, previous):
+        return record.get("state", [None])[0] == "Completed"
 
-    hook = SigtermOnWrite(undeclares)
+    hook = SigtermOnWrite(completing, proof=str(proof))
     plugin.store.os = OSProxy(hook)
     try:
-        tid = worker.start("forget-race", write_steps, {"path": str(out), "steps": 3, "delay": 0.01}, store=store)
+        tid = worker.start("complete-race", write_steps, {"path": str(out), "steps": 3, "delay": 0.01}, store=store)
     finally:
         plugin.store.os = os
     assert proc.wait_gone(store.get(tid).worker, 10)
     state = store.get(tid).state
-    report("cancel during forget_artifact", trials=1, faults_injected=1, final_state=state, output_left=out.exists(),
-           failures=int(isinstance(state, Failed) and out.exists()))
-    assert isinstance(state, Completed) or not out.exists(), \
-        "task %s ended %r but its output %s is still on disk" % (tid, state, out)
+    report("cancel while marking Completed", trials=1, faults_injected=int(proof.exists()), final_state=state,
+           output_left=out.exists(), failures=int(not (isinstance(state, Completed) and out.exists())))
+    assert proof.exists(), "the SIGTERM was never sent: the test proved nothing"
+    assert isinstance(state, Completed) and out.exists(), (state, out.exists())
+    assert store.get(tid).artifacts == []

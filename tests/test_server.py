@@ -865,6 +865,7 @@ def test_many_forks_while_serving_do_not_deadlock(daemons, store, tmp_path, no_s
         t.start()
     for t in threads:
         t.join(60)
+    assert not any(t.is_alive() for t in threads), "a starter or poller hung"
     assert not errors and len(started) == 18
     wait_for(lambda: all(store.get(i).state.terminal for i in started), 30, 0.05, "every task to finish")
     assert {type(store.get(i).state) for i in started} == {Completed}
@@ -934,4 +935,5 @@ def test_daemon_and_executables_interleave_on_one_store(daemons, store, tmp_path
         assert via_exe("Task.stat", {"dbg": "d", "id": i})["id"] == i
     for t in threads:
         t.join(30)
+    assert not any(t.is_alive() for t in threads), "a caller hung"
     assert not errors
