@@ -144,7 +144,12 @@ def remove_stale(path):
     try:
         probe.connect(path)
     except ConnectionRefusedError:  # nobody listens: left by a daemon that died
-        os.unlink(path)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StartupError("cannot replace the stale socket %s: %s" % (path, e.strerror))
         return True
     except FileNotFoundError:
         return False

@@ -29,6 +29,10 @@ METHODS = {
     "Data.ls": ("plugin.data_api", "ls", (("dbg", "str"),), "operation_list"),
 }
 
+# Methods whose repetition changes nothing: a client may resend them when a
+# connection broke before the answer came (others, e.g. Data.copy, never).
+IDEMPOTENT = frozenset({"Task.stat", "Task.ls", "Task.cancel", "Data.stat", "Data.ls", "Data.cancel", "Data.mirror"})
+
 
 def lookup(name):
     """The registered method called ``name`` (case-insensitively, as the

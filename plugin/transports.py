@@ -186,10 +186,11 @@ class SocketTransport:
                 response = conn.exchange(body)
             except (httpio.Closed, BrokenPipeError, ConnectionResetError) as e:
                 conn.close()
-                # A kept-alive connection the daemon closed before reading our
-                # request (idle timeout, restart): the request was never
-                # served, so sending it again is safe. Only once.
-                if reused and attempt == 1:
+                # Most likely a kept-alive connection the daemon closed before
+                # reading our request (idle timeout, restart). It may also have
+                # died while serving it, so resend (once) only what is safe
+                # to run twice.
+                if reused and attempt == 1 and method in registry.IDEMPOTENT:
                     self.close()  # its idle siblings are from the same daemon: as stale
                     continue
                 raise DaemonUnavailable("the task daemon at %s closed the connection without answering: %s" % (self.path, e))
@@ -208,7 +209,12 @@ class SocketTransport:
             decoded = json.loads(response.body.decode("utf-8"))
         except ValueError:
             raise InternalError("the task daemon answered HTTP %d without JSON" % response.status)
-        return _result_of(decoded, request_id if response.status == 200 else decoded.get("id"))
+        if response.status != 200:
+            # A refusal (403, 413, 503...): its error, whatever id it carries.
+            if isinstance(decoded, dict) and decoded.get("error") is not None:
+                return _result_of(decoded, decoded.get("id"))
+            raise InternalError("the task daemon answered HTTP %d" % response.status)
+        return _result_of(decoded, request_id)
 
     def close(self):
         """Close idle connections."""

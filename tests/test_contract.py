@@ -31,3 +31,8 @@ def test_every_registered_method_resolves_to_a_function():
         assert registry.lookup(name.upper())[0] == name
         assert kind in ("task", "unit", "id_list", "operation", "operation_list", "status")
     assert runner.registry is registry
+
+
+def test_idempotent_methods_are_registered():
+    assert registry.IDEMPOTENT <= set(registry.METHODS)
+    assert "Data.copy" not in registry.IDEMPOTENT and "Task.destroy" not in registry.IDEMPOTENT
