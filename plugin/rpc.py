@@ -33,7 +33,7 @@ SERVER_ERROR = -32000
 
 
 def _error_response(error, request_id, v2, rpc_code=None):
-    record = codec.error_record(error, codec.traceback_frames(error))
+    record = runner.record_of(error)
     response = codec.encode_error_response(record, request_id, v2)
     if v2 and rpc_code is not None:
         response["error"]["code"] = rpc_code
@@ -62,10 +62,9 @@ def dispatch(body, log=None):
     try:
         return codec.encode_response(runner.call(method, params), request_id, v2)
     except BaseException as exc:  # the boundary, as in runner.main: every failure becomes a record
-        error = runner.as_plugin_error(exc)
         if not isinstance(exc, PluginError) and log is not None:
-            log("%s failed unexpectedly:\n%s" % (method, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))))
-        return _error_response(error, request_id, v2)
+            log(runner.unexpected_text(method, exc))
+        return _error_response(runner.as_plugin_error(exc), request_id, v2)
 
 
 def encode_body(response):

@@ -63,6 +63,20 @@ def call(name, params):
     return codec.encode_result(kind, impl(**kwargs))
 
 
+def record_of(exc):
+    """The XAPI error record for any exception: the one translation, used
+    by the executables and the daemon alike."""
+    error = as_plugin_error(exc)
+    return codec.error_record(error, codec.traceback_frames(error))
+
+
+def unexpected_text(name, exc):
+    """The log text for an unexpected error: its whole traceback."""
+    import traceback
+
+    return "%s failed unexpectedly:\n%s" % (name, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+
+
 def as_plugin_error(exc):
     """Any exception as a PluginError: unexpected ones become
     Internal_error, keeping the original traceback for the record."""
@@ -133,7 +147,7 @@ def main(argv=None):
         if isinstance(exc, KeyboardInterrupt):
             exc = InternalError("interrupted")
         error = as_plugin_error(exc)
-        record = codec.error_record(error, codec.traceback_frames(error))
+        record = record_of(error)
         if envelope is not None:
             record = codec.encode_error_response(record, envelope.get("id"), envelope.get("jsonrpc") == "2.0")
         _emit(record)
@@ -150,14 +164,11 @@ def _one_line(text):
 
 def _log_traceback(name, exc):
     """The traceback of an unexpected error goes to the log, not the wire."""
-    import traceback
-
     try:
         from plugin import log
         from plugin.store import Store
 
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         with Store() as store:
-            log.store_event(store, "%s failed unexpectedly:\n%s" % (name, text))
+            log.store_event(store, unexpected_text(name, exc))
     except Exception:
         pass
