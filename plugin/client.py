@@ -34,15 +34,12 @@ safe).
 import time
 
 from plugin import httpio, registry
-from plugin.errors import DaemonUnavailable  # noqa: F401  (in __all__: the client raises it)
-from plugin.transports import (  # noqa: F401  (the client's transports and errors, found here)
+from plugin.errors import DaemonUnavailable
+from plugin.transports import (
     DEFAULT_TIMEOUT,
-    INSTALLED_PLUGIN_DIR,
-    MAX_IDLE_CONNECTIONS,
     AutoTransport,
     ExecTransport,
     SocketTransport,
-    default_bin_dir,
     error_class,
     error_from_record,
 )
@@ -134,7 +131,7 @@ class Client:
 def connect(socket=None, bin_dir=None, timeout=DEFAULT_TIMEOUT):
     """A client. ``socket``: the daemon's socket path (always used when
     given); else the daemon at the default path if it answers, otherwise
-    the executables in ``bin_dir`` (default: :func:`default_bin_dir`)."""
+    the executables in ``bin_dir`` (default: :func:`plugin.transports.default_bin_dir`)."""
     if socket is not None:
         return Client(SocketTransport(socket, timeout))
     return Client(AutoTransport(httpio.default_socket(), bin_dir, timeout))
@@ -153,4 +150,5 @@ def wait(client, task_id, dbg="wait", interval=0.1, timeout=None):
         time.sleep(interval)
 
 
-__all__ = ["connect", "Client", "DaemonUnavailable", "error_class", "error_from_record", "wait"]
+__all__ = ["connect", "Client", "DaemonUnavailable", "error_class", "error_from_record", "wait",
+           "AutoTransport", "ExecTransport", "SocketTransport"]

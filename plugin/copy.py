@@ -105,30 +105,17 @@ def _examine_source(path):
         os.close(fd)
 
 
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def check_blocklist(blocklist, size):
-    """Validate a decoded blocklist ``(blocksize, [(start, length), ...])``
-    (in blocks) against a source of ``size`` bytes; return ``[blocksize,
-    ranges]`` with adjacent ranges merged, or None (copy everything)."""
+    """Check a blocklist decoded by :func:`plugin.codec.decode_blocklist`
+    (positive, sorted, non-overlapping ranges in blocks) against a source of
+    ``size`` bytes; return ``[blocksize, ranges]`` with adjacent ranges
+    merged, or None (copy everything)."""
     if blocklist is None:
         return None
-    try:
-        blocksize, ranges = blocklist
-        ranges = [tuple(r) for r in ranges]
-    except (TypeError, ValueError):
-        raise InvalidArguments("blocklist must be (blocksize, [(start, length), ...])") from None
-    if not _is_int(blocksize) or blocksize <= 0:
-        raise InvalidArguments("blocklist blocksize must be a positive integer")
+    blocksize, ranges = blocklist
     blocks = -(-size // blocksize)  # the last block may be partial
-    out, prev = [], 0
-    for r in ranges:
-        if len(r) != 2 or not all(_is_int(v) for v in r) or r[0] < prev or r[1] <= 0:
-            raise InvalidArguments("blocklist ranges must be sorted, non-overlapping [start, length] "
-                                   "with length > 0; got %r" % (list(r),))
-        start, length = r
+    out = []
+    for start, length in ranges:
         if start + length > blocks:
             raise InvalidArguments(
                 "blocklist range [%d, %d] is out of range: blocks %d..%d of %d bytes, "
@@ -138,7 +125,6 @@ def check_blocklist(blocklist, size):
             out[-1][1] += length  # fewer, larger ranges: fewer seeks, smaller task file
         else:
             out.append([start, length])
-        prev = start + length
     return [blocksize, out]
 
 
@@ -303,7 +289,8 @@ def run(ctx, source, source_size, blocklist, target):
                     ctx.progress(done / max(total, done))  # the source may have changed since counting
             dest.finish(ctx)
         except BaseException:
-            dest.abort()
+            with ctx.critical():  # a cancel must not cut the undo short
+                dest.abort()
             raise
     finally:
         os.close(fd)

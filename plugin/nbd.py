@@ -14,7 +14,7 @@ import stat
 import struct
 
 from plugin.errors import NbdError
-from plugin.nbd_uri import DEFAULT_PORT, Address, is_nbd_uri, parse_uri  # noqa: F401 (re-exported)
+from plugin.nbd_uri import parse_uri
 
 MAX_PAYLOAD = 32 << 20          # our cap on one request's payload
 WINDOW_REQUESTS = 16            # pipelining window: requests in flight ...
@@ -64,7 +64,6 @@ class Client:
         self._sock, self.address = sock, address
         self.size = self.transmission_flags = 0
         self.max_payload = MAX_PAYLOAD
-        self.min_block = self.preferred_block = 0  # as advertised; 0 = unknown
         self._inflight = {}  # handle -> (cmd, offset, length, read_buf, payload)
         self._inflight_bytes = 0
         self._next_handle = 1
@@ -126,8 +125,10 @@ class Client:
     def _opt_go(self):
         """NBD_OPT_GO; return False if the server does not know it."""
         name = self.address.export.encode("utf-8")
-        data = struct.pack(">I", len(name)) + name + \
-            struct.pack(">HHH", 2, INFO_EXPORT, INFO_BLOCK_SIZE)
+        # Only NBD_INFO_EXPORT: asking for NBD_INFO_BLOCK_SIZE would promise
+        # to honour the server's minimum alignment, which a byte-exact copy
+        # of an odd-sized source cannot.
+        data = struct.pack(">I", len(name)) + name + struct.pack(">HH", 1, INFO_EXPORT)
         self._send(struct.pack(">QII", IHAVEOPT, OPT_GO, len(data)) + data, "negotiating")
         got_export = False
         while True:
@@ -153,8 +154,8 @@ class Client:
             if info == INFO_EXPORT and length >= 12:
                 self.size, self.transmission_flags = struct.unpack(">QH", data[2:12])
                 got_export = True
-            elif info == INFO_BLOCK_SIZE and length >= 14:
-                self.min_block, self.preferred_block, maximum = struct.unpack(">III", data[2:14])
+            elif info == INFO_BLOCK_SIZE and length >= 14:  # sent unasked: keep its maximum
+                maximum = struct.unpack(">I", data[10:14])[0]
                 self.max_payload = maximum or self.max_payload
             # Anything else (NBD_INFO_NAME, ...) carries nothing we need.
 

@@ -21,7 +21,6 @@ import select
 import signal
 import sys
 import time
-import traceback
 
 from plugin import lifecycle, log, proc
 from plugin.errors import PluginError, TaskDoesNotExist
@@ -256,6 +255,8 @@ def _work(path, task_id, func, args, ready_fd):
             message = str(exc)
         else:
             message = "%s: %s" % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
+        import traceback  # only failures pay for it
+
         log.task_event(store, task, "operation raised:\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
         _finish_failed(store, task_id, message)
 

@@ -16,7 +16,8 @@ import tracemalloc
 import pytest
 
 from plugin.errors import InvalidArguments, NbdError
-from plugin.nbd import Address, Client, is_nbd_uri, parse_uri
+from plugin.nbd import Client
+from plugin.nbd_uri import Address, is_nbd_uri, parse_uri
 
 QEMU_NBD = "/usr/bin/qemu-nbd"
 NBDKIT = "/usr/bin/nbdkit"
