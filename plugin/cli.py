@@ -23,7 +23,7 @@ import shutil
 import sys
 import time
 
-from plugin import client as client_module
+from plugin import client as client_module, codec
 from plugin.errors import PluginError, TaskDoesNotExist
 
 PROG = "xapi-storage-tasks"
@@ -179,8 +179,7 @@ def main(argv=None, out=None):
             return args.run(c, args, out)
     except PluginError as e:
         if args.json:
-            record = getattr(e, "record", None) or {"code": e.code, "params": e.params,
-                                                     "backtrace": {"error": str(e), "files": [], "lines": []}}
+            record = getattr(e, "record", None) or codec.error_record(e)
             out.write(json.dumps(record) + "\n")
         sys.stderr.write("%s: %s\n" % (PROG, e))
         return 1

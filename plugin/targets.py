@@ -318,6 +318,8 @@ class Nbd:
 
     def finish(self, ctx):
         """Wait for every reply, NBD_CMD_FLUSH, disconnect."""
+        if not self.client.can_flush:  # say so: Completed then promises less
+            ctx.log("the NBD server offers no flush: the data was written but may not be durable yet")
         self.client.flush()
         self.client.close()
 
