@@ -15,7 +15,6 @@ signals, its log, and forking workers from its threads safely.
   from any server thread.
 """
 
-import fcntl
 import importlib
 import os
 import pkgutil
@@ -27,7 +26,7 @@ import threading
 import time
 
 import plugin
-from plugin.listener import StartupError, unlink_if_same
+from plugin.listener import lock_pid_file, unlink_if_same
 from plugin.store import Store
 
 PROG = "xapi-storage-tasksd"
@@ -181,19 +180,8 @@ class PidFile:
         self.ident = None
 
     def __enter__(self):
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
-                raise StartupError("pidfile %s is held by pid %s" % (self.path, holder))
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, b"%d\n" % os.getpid(), 0)
-            st = os.fstat(fd)
-        except BaseException:
-            os.close(fd)
-            raise
+        fd = lock_pid_file(self.path, 0o644, lambda holder: "pidfile %s is held by pid %s" % (self.path, holder))
+        st = os.fstat(fd)
         self.fd, self.ident = fd, (st.st_dev, st.st_ino)
         return self
 

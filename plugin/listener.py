@@ -96,28 +96,35 @@ def write_pid(fd):
     os.pwrite(fd, b"%d\n" % os.getpid(), 0)
 
 
-def _take_lock(path):
-    """Hold ``PATH.lock`` for the daemon's life: exactly one daemon serves
-    a socket path, even when two start at once. The kernel drops the lock
-    when the daemon dies, however it dies."""
-    lock_path = path + ".lock"
+def lock_pid_file(path, mode, busy):
+    """Open ``path``, take its flock without waiting and write our pid in
+    it; return the descriptor (the lock lasts while it is open, and the
+    kernel drops it however the process dies). If another process holds
+    it, raise StartupError(``busy(holder)``, holder being its pid)."""
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     except OSError as e:
-        raise StartupError("cannot open %s: %s" % (lock_path, e.strerror))
+        raise StartupError("cannot open %s: %s" % (path, e.strerror))
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise StartupError("%s is not a regular file" % lock_path)
+            raise StartupError("%s is not a regular file" % path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
-            raise StartupError("another daemon (pid %s) is serving %s; not taking it over" % (holder, path))
+            raise StartupError(busy(holder))
         write_pid(fd)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _take_lock(path):
+    """Hold ``PATH.lock`` for the daemon's life: exactly one daemon serves
+    a socket path, even when two start at once."""
+    return lock_pid_file(path + ".lock", 0o600,
+                         lambda holder: "another daemon (pid %s) is serving %s; not taking it over" % (holder, path))
 
 
 def claim(path):

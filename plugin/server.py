@@ -68,7 +68,6 @@ from plugin.daemonize import PROG, Log, detach, prepare_for_forks, report_ready,
 from plugin.errors import PluginError
 from plugin.listener import StartupError
 from plugin.serving import DEFAULT_MAX_CONNECTIONS, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_TIMEOUT, Daemon
-from plugin.store import Store
 
 
 def _positive(kind):
@@ -124,7 +123,7 @@ def main(argv=None):
     try:
         gid = _group_id(args.group) if args.group else None
         try:
-            with Store():
+            with store.Store():
                 pass  # a bad state directory fails now, not at the first call
         except PluginError as e:
             raise StartupError(str(e))
