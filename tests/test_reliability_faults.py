@@ -122,6 +122,8 @@ def test_write_faults_leave_previous_state_intact(store, state_dir):
     for kind in ("create", "progress", "complete", "annotate"):
         calls = _plan(store, kind)
         write_start = len(calls) - 1 - calls[::-1].index("open")  # the temporary file's open
+        # Every step of the write must be there to fail, or the loop proves less.
+        assert {"open", "write", "fsync", "rename"} <= set(calls[write_start:]), (kind, calls)
         for name, n in _points(calls)[write_start:]:
             if name == "fsync" and n == calls.count("fsync"):
                 continue  # the directory fsync comes after the rename: see the next test
