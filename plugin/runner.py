@@ -122,19 +122,19 @@ def main(argv=None):
     envelope = None
     try:
         found = registry.lookup(name)
-        if found is None:
-            raise Unimplemented(name)
-        name, (_, _, spec, _) = found
         if args == ["--json"]:
             params = _read_stdin()
         elif not args:
             params = _read_stdin()
             if codec.is_envelope(params):
-                envelope = params
+                envelope = params  # from here on, errors are answered as envelopes too
                 method, params, _, _ = codec.decode_request(params)
-                if method.lower() != name.lower():
+                if found is not None and method.lower() != name.lower():
                     raise InvalidArguments("request for %s sent to the %s executable" % (method, name))
-        else:
+        if found is None:
+            raise Unimplemented(name)
+        name, (_, _, spec, _) = found
+        if args and args != ["--json"]:
             params = _positional(name, spec, args)
         result = call(name, params)
         if envelope is not None:

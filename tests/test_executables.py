@@ -152,6 +152,12 @@ def test_unregistered_method_is_unimplemented(tmp_path, state_dir):
     out = subprocess.run([str(link), "--json"], input=b'{"dbg":"d"}', capture_output=True)
     assert out.returncode == 1
     assert json.loads(out.stdout)["params"] == ["Unimplemented", "Task.frobnicate"]
+    # An envelope gets its answer as an envelope, even from an unknown name.
+    req = b'{"method": "Task.ls", "params": [{"dbg": "d"}], "id": 7}'
+    out = subprocess.run([str(link)], input=req, capture_output=True)
+    answer = json.loads(out.stdout)
+    assert out.returncode == 1 and answer["id"] == 7 and answer["result"] is None
+    assert answer["error"]["params"] == ["Unimplemented", "Task.frobnicate"]
 
 
 def test_corrupt_file_beside_good_ones(store, state_dir):
