@@ -1,20 +1,29 @@
 # Developer entry points; see README.md.
 PYTHON ?= python3
 DEBS = qemu-utils nbdkit libnbd-bin rpm
+PIP_PACKAGES = psutil python-daemon pytest hypothesis vermin ruff mypy types-psutil
 
-.PHONY: deps test demo bench rpm reliability
+.PHONY: deps lint test demo bench rpm reliability
 
-# Everything the demo and the tests need: Python packages from PyPI and the
+# Everything the demo, the tests and the linters need (installed only when
+# missing): Python packages from PyPI and the
 # NBD servers/tools from Debian's packages (root needed for apt-get).
 deps:
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check --root-user-action=ignore psutil python-daemon pytest hypothesis vermin
+	@$(PYTHON) -c 'import psutil, daemon, pytest, hypothesis, vermin, ruff, mypy' 2>/dev/null || \
+	  $(PYTHON) -m pip install --quiet --disable-pip-version-check --root-user-action=ignore $(PIP_PACKAGES)
 	@if ! command -v qemu-nbd >/dev/null || ! command -v nbdkit >/dev/null || ! command -v nbdcopy >/dev/null || ! command -v rpmbuild >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBS); fi
 
-test: deps
+# Ruff (style, bugs, annotations) and mypy (types); settings in
+# pyproject.toml and setup.cfg.
+lint:
+	$(PYTHON) -m ruff check plugin bin/dispatch tests bench
+	$(PYTHON) -m mypy
+
+test:
 	$(PYTHON) -m pytest -q
 
-demo: deps
+demo:
 	PYTHON=$(PYTHON) sh tools/demo.sh
 
 # Source RPM and noarch RPM from the working tree into ./rpmbuild/ (packaging/README.md).
@@ -23,9 +32,9 @@ rpm:
 
 # Every benchmark figure beside its baseline, as a table and as JSON in
 # bench/results/latest.json (a few minutes; sizes: python3 bench/run.py --help).
-bench: deps
+bench:
 	$(PYTHON) bench/run.py
 
 # The reliability suite alone (make test runs it too).
-reliability: deps
+reliability:
 	$(PYTHON) -m pytest -m reliability -rA tests/test_reliability_*.py

@@ -3,8 +3,8 @@
 
 Side by side, in one run, on one store holding one Pending task:
 
-- the daemon (``python3 -m plugin.server``), called through
-  :mod:`plugin.client` by 1 and by 16 concurrent client processes, each
+- the daemon (``python3 -m xapi_storage_tasks.daemon.server``), called through
+  :mod:`xapi_storage_tasks.client.connection` by 1 and by 16 concurrent client processes, each
   holding one keep-alive connection and calling in a closed loop for
   ``--duration`` seconds: requests per second, p50 and p99 latency;
 - ``bin/Task.stat --json`` executed once per call, ``--exec-calls`` times
@@ -33,10 +33,10 @@ import time
 from array import array
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(HERE)]
+sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "plugin")]
 
 import harness  # noqa: E402
-from plugin.store import Store  # noqa: E402
+from xapi_storage_tasks.tasks.store import Store  # noqa: E402
 
 GOAL_RATIO = 50.0
 GOAL_P99_MS = 5.0
@@ -52,7 +52,7 @@ def percentile(sorted_samples, q):
 
 def start_daemon(sock, env, timeout=20.0):
     """Start the daemon; return its Popen once it answers."""
-    proc = subprocess.Popen([sys.executable, "-m", "plugin.server", "--socket", sock, "--max-connections", "256"],
+    proc = subprocess.Popen([sys.executable, "-m", "xapi_storage_tasks.daemon.server", "--socket", sock, "--max-connections", "256"],
                             env=env, cwd=harness.ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + timeout
@@ -78,7 +78,7 @@ def cpu_seconds(pid):
 
 def _client_loop(sock, task_id, barrier, duration, warmup, out):
     """One client process: a keep-alive connection, calls in a closed loop."""
-    from plugin import client
+    from xapi_storage_tasks.client import connection as client
 
     c = client.connect(socket=sock)
     stat = c.Task.stat
@@ -160,7 +160,7 @@ def measure(duration=3.0, clients=(1, 16), exec_calls=40, warmup=0.3):
     harness.compile_tree()  # no measured call pays for compiling
     with tempfile.TemporaryDirectory(prefix="bench-daemon-") as tmp:
         state = os.path.join(tmp, "state")
-        env = harness.bench_env(TASK_STATE_DIR=state, PYTHONPATH=harness.ROOT)
+        env = harness.bench_env(TASK_STATE_DIR=state, PYTHONPATH=harness.SRC)
         os.environ.update(TASK_STATE_DIR=state, TASK_SYSLOG="0")
         with Store(state) as store:
             task_id = store.create("bench").id

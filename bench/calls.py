@@ -15,14 +15,14 @@ import sys
 import tempfile
 import time
 
-from harness import BIN, ROOT, bench_env, row, time_command
+from harness import BIN, SRC, bench_env, row, time_command
 
-sys.path.insert(0, ROOT)
+sys.path.insert(0, SRC)
 
-from plugin import ids  # noqa: E402
-from plugin.state import Completed  # noqa: E402
-from plugin.store import Store  # noqa: E402
-from plugin.task import Task  # noqa: E402
+from xapi_storage_tasks.tasks import ids  # noqa: E402
+from xapi_storage_tasks.tasks.state import Completed  # noqa: E402
+from xapi_storage_tasks.tasks.store import Store  # noqa: E402
+from xapi_storage_tasks.tasks.record import Task  # noqa: E402
 
 
 def populate(path, count):

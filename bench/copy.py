@@ -23,12 +23,12 @@ import sys
 import tempfile
 import time
 
-from harness import BIN, ROOT, bench_env, row
+from harness import BIN, SRC, bench_env, row
 
-sys.path.insert(0, ROOT)
+sys.path.insert(0, SRC)
 
-from plugin.state import Completed  # noqa: E402
-from plugin.store import Store  # noqa: E402
+from xapi_storage_tasks.tasks.state import Completed  # noqa: E402
+from xapi_storage_tasks.tasks.store import Store  # noqa: E402
 
 MiB = 1 << 20
 

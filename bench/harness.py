@@ -14,6 +14,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SRC = os.path.join(ROOT, "plugin")  # the source root holding the package
 BIN = os.path.join(ROOT, "bin")
 
 

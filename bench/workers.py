@@ -19,12 +19,13 @@ import time
 
 from harness import BIN, ROOT, bench_env, row, time_command
 
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path[:0] = [os.path.join(ROOT, "plugin"), os.path.join(ROOT, "tests")]
 
 from ops import write_steps  # noqa: E402
-from plugin import proc, worker  # noqa: E402
-from plugin.state import Pending  # noqa: E402
-from plugin.store import Store  # noqa: E402
+from xapi_storage_tasks.process import identity as proc
+from xapi_storage_tasks.tasks import worker  # noqa: E402
+from xapi_storage_tasks.tasks.state import Pending  # noqa: E402
+from xapi_storage_tasks.tasks.store import Store  # noqa: E402
 
 STARTER = os.path.join(ROOT, "tests", "start_task.py")
 

@@ -10,7 +10,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "bin")
-sys.path.insert(0, ROOT)
+# The source root holding the package (plugin/xapi_storage_tasks).
+SRC = os.path.join(ROOT, "plugin")
+sys.path.insert(0, SRC)
 
 
 class Result:
@@ -43,7 +45,7 @@ def state_dir(tmp_path, monkeypatch):
 
 @pytest.fixture
 def store(state_dir):
-    from plugin.store import Store
+    from xapi_storage_tasks.tasks.store import Store
 
     with Store(str(state_dir)) as s:
         yield s

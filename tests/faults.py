@@ -2,7 +2,7 @@
 (``tests/test_reliability_*.py``).
 
 :class:`OSProxy` stands in for the ``os`` module inside one plugin module
-only (``monkeypatch.setattr(plugin.store, "os", OSProxy(hook))``), so the
+only (``monkeypatch.setattr(xapi_storage_tasks.tasks.store, "os", OSProxy(hook))``), so the
 test runner, the log module and everything else keep the real ``os``. The
 hook sees every call of a watched function and decides: pass it through,
 raise an ``OSError``, or SIGKILL the calling process at that instant.
@@ -247,8 +247,8 @@ def tree(path):
 def task_file_problems(state_dir):
     """Everything wrong with ``tasks/``: names that are not ``<id>.json``
     (temporary files included) and files that do not parse as a task."""
-    from plugin import ids
-    from plugin.task import Task
+    from xapi_storage_tasks.tasks import ids
+    from xapi_storage_tasks.tasks.record import Task
 
     problems = []
     tasks = os.path.join(str(state_dir), "tasks")
@@ -289,7 +289,7 @@ class Bystander:
             argv = ["setpriv", "--reuid=%d" % uid, "--regid=%d" % uid, "--clear-groups", *argv]
         self.popen = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL)
         self.pid = self.popen.pid
-        from plugin import proc
+        from xapi_storage_tasks.process import identity as proc
 
         deadline = time.monotonic() + 5
         while True:  # wait until setpriv has exec'd the program
@@ -347,7 +347,7 @@ def wait_pidfd(pidfd, timeout):
 
 
 def fork_call(method, stdin, hook=None, args=("--json",)):
-    """Run ``method`` through :func:`plugin.runner.main` (what every
+    """Run ``method`` through :func:`xapi_storage_tasks.entry.main` (what every
     ``bin/`` executable runs) in a forked child, with ``hook`` installed on
     the store's ``os`` in the child only. Returns ``(wait status, stdout
     bytes)``; a negative-signal status means the child was killed."""
@@ -369,10 +369,10 @@ def fork_call(method, stdin, hook=None, args=("--json",)):
             sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
             sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), errors="backslashreplace")
             if hook is not None:
-                import plugin.store
+                import xapi_storage_tasks.tasks.store
 
-                plugin.store.os = OSProxy(hook(os.getpid()))
-            from plugin import runner
+                xapi_storage_tasks.tasks.store.os = OSProxy(hook(os.getpid()))
+            from xapi_storage_tasks import entry as runner
 
             code = runner.main([os.path.join(BIN, method), *args])
             sys.stdout.flush()
@@ -424,7 +424,7 @@ def names_errno(text, err):
 def kill_live_workers(state_dir):
     """Teardown: SIGKILL every worker still alive that a task file in
     ``state_dir`` names (only verified identities). Returns how many."""
-    from plugin import proc
+    from xapi_storage_tasks.process import identity as proc
 
     killed = 0
     tasks = os.path.join(str(state_dir), "tasks")
@@ -450,7 +450,7 @@ def kill_live_workers(state_dir):
 
 def dead_identity():
     """The identity of a process that has exited (well-formed, this boot)."""
-    from plugin import proc
+    from xapi_storage_tasks.process import identity as proc
 
     p = subprocess.Popen(["sleep", "60"], start_new_session=True)
     try:

@@ -6,7 +6,7 @@ import os
 import signal
 import time
 
-from plugin.codec import UNIT_RESULT
+from xapi_storage_tasks.wire.codec import UNIT_RESULT
 
 
 def write_steps(ctx, path, steps=10, delay=0.05, ignore_term=False, fail_at=-1):

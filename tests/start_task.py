@@ -7,10 +7,10 @@ import os
 import sys
 
 here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(here), here]
+sys.path[:0] = [os.path.join(os.path.dirname(here), "plugin"), here]
 
 from ops import write_steps  # noqa: E402
-from plugin import worker  # noqa: E402
+from xapi_storage_tasks.tasks import worker  # noqa: E402
 
 path, steps, delay = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 ignore = len(sys.argv) > 4 and sys.argv[4] == "1"

@@ -1,5 +1,5 @@
-"""The Python client (plugin.client) over the daemon's socket and over the
-executables, and the operator CLI (plugin.cli) built on it. Real daemons,
+"""The Python client (xapi_storage_tasks.client.connection) over the daemon's socket and over the
+executables, and the operator CLI (xapi_storage_tasks.client.cli) built on it. Real daemons,
 real executables, real workers."""
 
 import json
@@ -13,9 +13,12 @@ import time
 
 import pytest
 
-from conftest import BIN, ROOT
-from plugin import client, errors, httpio, registry
-from plugin.state import CANCELLED, Completed, Pending
+from conftest import BIN, SRC
+from xapi_storage_tasks.client import connection as client
+from xapi_storage_tasks.wire import errors
+from xapi_storage_tasks.wire import httpio
+from xapi_storage_tasks import registry
+from xapi_storage_tasks.tasks.state import CANCELLED, Completed, Pending
 from test_server import (  # noqa: F401  (fixtures are used by name)
     TEST_START_SPEC, UNKNOWN_ID, Raw, daemon, daemons, make_context, needs_setpriv, no_stray_workers, normalize,
     open_dir, rpc, sample_params, settle, start_task,
@@ -191,11 +194,11 @@ def test_a_refused_peer_gets_permission_denied(daemons, open_dir):
     d = daemons(sock=os.path.join(open_dir, "d.sock"))
     os.chmod(d.sock, 0o666)
     code = ("import sys; sys.path.insert(0, %r)\n"
-            "from plugin import client\n"
+            "from xapi_storage_tasks.client import connection as client\n"
             "try:\n"
             "    client.connect(socket=%r).Task.ls(dbg='d')\n"
             "except Exception as e:\n"
-            "    print(type(e).__name__, e.name)\n") % (ROOT, d.sock)
+            "    print(type(e).__name__, e.name)\n") % (SRC, d.sock)
     # The system interpreter: the test's may live where uid 65534 cannot read.
     out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", code],
                          capture_output=True, timeout=30, cwd="/")
@@ -252,8 +255,8 @@ def test_workers_through_the_client_and_wait(daemons, store, tmp_path, test_meth
 
 
 def cli(*args, sock=None, timeout=30):
-    argv = [sys.executable, "-m", "plugin.cli", *(["--socket", sock] if sock else []), *args]
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    argv = [sys.executable, "-m", "xapi_storage_tasks.client.cli", *(["--socket", sock] if sock else []), *args]
+    env = dict(os.environ, PYTHONPATH=SRC)
     return subprocess.run(argv, capture_output=True, env=env, timeout=timeout, cwd="/")
 
 
@@ -277,9 +280,9 @@ def test_cli_ls_json_and_table(daemon, store):
 
 def test_cli_watch_follows_a_task_to_completion(daemon, store):
     task = store.create("watched")
-    watcher = subprocess.Popen([sys.executable, "-m", "plugin.cli", "--socket", daemon.sock, "--json", "watch", task.id,
+    watcher = subprocess.Popen([sys.executable, "-m", "xapi_storage_tasks.client.cli", "--socket", daemon.sock, "--json", "watch", task.id,
                                 "--interval", "0.05"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               env=dict(os.environ, PYTHONPATH=ROOT), cwd="/")
+                               env=dict(os.environ, PYTHONPATH=SRC), cwd="/")
     try:
         for p in (0.25, 0.5, 0.75):
             time.sleep(0.1)
@@ -297,8 +300,8 @@ def test_cli_watch_draws_a_progress_bar_on_a_terminal(daemon, store):
     task = store.create("tty")
     store.transition(task.id, lambda t: Pending(0.5))
     master, slave = pty.openpty()
-    watcher = subprocess.Popen([sys.executable, "-m", "plugin.cli", "--socket", daemon.sock, "watch", task.id, "--interval", "0.05"],
-                               stdout=slave, stderr=slave, env=dict(os.environ, PYTHONPATH=ROOT), cwd="/")
+    watcher = subprocess.Popen([sys.executable, "-m", "xapi_storage_tasks.client.cli", "--socket", daemon.sock, "watch", task.id, "--interval", "0.05"],
+                               stdout=slave, stderr=slave, env=dict(os.environ, PYTHONPATH=SRC), cwd="/")
     os.close(slave)
     seen = b""
     try:

@@ -4,10 +4,11 @@ import json
 
 import pytest
 
-from plugin import codec, ids
-from plugin.errors import InvalidArguments, TaskDoesNotExist
-from plugin.state import Completed, Failed, Pending
-from plugin.task import Task
+from xapi_storage_tasks.wire import codec
+from xapi_storage_tasks.tasks import ids
+from xapi_storage_tasks.wire.errors import InvalidArguments, TaskDoesNotExist
+from xapi_storage_tasks.tasks.state import Completed, Failed, Pending
+from xapi_storage_tasks.tasks.record import Task
 
 
 def test_states_encode_with_floats_and_tags():

@@ -1,10 +1,11 @@
-"""Everything that lists methods agrees with plugin.registry."""
+"""Everything that lists methods agrees with xapi_storage_tasks.registry."""
 
 import configparser
 import os
 
 from conftest import BIN, ROOT
-from plugin import registry, runner
+from xapi_storage_tasks import registry
+from xapi_storage_tasks import entry as runner
 
 
 def test_bin_has_exactly_one_link_per_registered_method():

@@ -1,4 +1,4 @@
-"""The copy engine (plugin.copy): plan() in the caller, run() in real
+"""The copy engine (xapi_storage_tasks.data.copy): plan() in the caller, run() in real
 detached workers, onto real files, a loop block device, and real NBD
 servers (qemu-nbd and nbdkit on Unix sockets in tmp_path, always killed by
 a finalizer). Nothing is mocked except a few injected errno faults.
@@ -16,10 +16,14 @@ import time
 
 import pytest
 
-from conftest import ROOT
-from plugin import copy, lifecycle, proc, targets, worker
-from plugin.errors import InvalidArguments
-from plugin.state import CANCELLED, Completed, Failed, Pending
+from conftest import SRC
+from xapi_storage_tasks.data import copy
+from xapi_storage_tasks.tasks import lifecycle
+from xapi_storage_tasks.process import identity as proc
+from xapi_storage_tasks.data import targets
+from xapi_storage_tasks.tasks import worker
+from xapi_storage_tasks.wire.errors import InvalidArguments
+from xapi_storage_tasks.tasks.state import CANCELLED, Completed, Failed, Pending
 
 QEMU_NBD = "/usr/bin/qemu-nbd"
 NBDKIT = "/usr/bin/nbdkit"
@@ -29,8 +33,9 @@ BS = 64 * 1024
 STARTER = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from plugin import copy, worker
-from plugin.store import Store
+from xapi_storage_tasks.data import copy
+from xapi_storage_tasks.tasks import worker
+from xapi_storage_tasks.tasks.store import Store
 uri, remote, blocklist = json.loads(sys.argv[3])
 with Store(sys.argv[2]) as store:
     print(json.dumps(worker.start("d", copy.run, copy.plan(uri, remote, blocklist), kind="CopyV1", store=store)))
@@ -129,7 +134,7 @@ def copies(store, monkeypatch):
 
     def start(uri, remote, blocklist=None, fresh=False):
         if fresh:
-            out = subprocess.run([sys.executable, "-c", STARTER, ROOT, store.path,
+            out = subprocess.run([sys.executable, "-c", STARTER, SRC, store.path,
                                   json.dumps([uri, remote, blocklist])],
                                  capture_output=True, timeout=30, check=True)
             task_id = json.loads(out.stdout)

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import run_bin
-from plugin.state import Completed, Failed, Pending
+from xapi_storage_tasks.tasks.state import Completed, Failed, Pending
 
 
 def copy_task(store, state=None):

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from conftest import run_bin
-from plugin.state import Completed, Failed
+from xapi_storage_tasks.tasks.state import Completed, Failed
 
 
 def finish(store, task_id, state):

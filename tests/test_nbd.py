@@ -1,4 +1,4 @@
-"""Tests for plugin.nbd against real NBD servers (qemu-nbd and nbdkit).
+"""Tests for xapi_storage_tasks.nbd.protocol against real NBD servers (qemu-nbd and nbdkit).
 
 Servers listen on Unix sockets inside tmp_path (or on 127.0.0.1 for the TCP
 test) and are always killed by a fixture finalizer. A test is skipped only
@@ -15,9 +15,9 @@ import tracemalloc
 
 import pytest
 
-from plugin.errors import InvalidArguments, NbdError
-from plugin.nbd import Client
-from plugin.nbd_uri import Address, is_nbd_uri, parse_uri
+from xapi_storage_tasks.wire.errors import InvalidArguments, NbdError
+from xapi_storage_tasks.nbd.protocol import Client
+from xapi_storage_tasks.nbd.uri import Address, is_nbd_uri, parse_uri
 
 QEMU_NBD = "/usr/bin/qemu-nbd"
 NBDKIT = "/usr/bin/nbdkit"

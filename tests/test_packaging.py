@@ -1,5 +1,5 @@
 """The RPM, as tools/build-rpm.sh builds it from the working tree: its file
-list and dependencies follow plugin.registry, it installs into a scratch
+list and dependencies follow xapi_storage_tasks.registry, it installs into a scratch
 root, and the installed executables answer there. Also: the code uses no
 Python newer than setup.cfg's python_requires (vermin)."""
 
@@ -16,8 +16,8 @@ import sys
 import pytest
 
 from conftest import ROOT
-import plugin
-from plugin import registry
+import xapi_storage_tasks
+from xapi_storage_tasks import registry
 
 NAME = "xapi-storage-tasks"
 SCRIPT_DIR = "/usr/libexec/xapi-storage-script"
@@ -82,8 +82,8 @@ def listing(rpm_file):
 
 @pytest.fixture(scope="module")
 def sitelib(listing):
-    """The site-packages directory the package installs ``plugin`` into."""
-    found = {os.path.dirname(p) for p in listing if p.endswith("/plugin/__init__.py")}
+    """The site-packages directory the package installs ``xapi_storage_tasks`` into."""
+    found = {os.path.dirname(p) for p in listing if p.endswith("/xapi_storage_tasks/__init__.py")}
     assert len(found) == 1, found
     (init,) = found
     path = os.path.dirname(init)
@@ -137,7 +137,10 @@ def rpm_dbpath(root):
 
 
 def source_modules():
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "plugin", "**", "*.py"), recursive=True))
+    """The package's modules, relative to the source root ``plugin/`` (as
+    they land in site-packages)."""
+    src = os.path.join(ROOT, "plugin")
+    return sorted(os.path.relpath(p, src) for p in glob.glob(os.path.join(src, "xapi_storage_tasks", "**", "*.py"), recursive=True))
 
 
 # ---------------------------------------------------------------------------
@@ -146,19 +149,19 @@ def source_modules():
 
 @needs_rpm
 def test_builds_a_source_rpm_and_a_noarch_rpm_of_the_tree_version(rpms):
-    release = "%s-%s-1" % (NAME, plugin.__version__)
+    release = "%s-%s-1" % (NAME, xapi_storage_tasks.__version__)
     assert os.path.basename(rpms["src"]) == release + ".src.rpm"
     assert os.path.basename(rpms["noarch"]) == release + ".noarch.rpm"
-    assert check(["rpm", "-qp", "--qf", "%{NAME} %{VERSION} %{ARCH}", rpms["noarch"]]) == "%s %s noarch" % (NAME, plugin.__version__)
+    assert check(["rpm", "-qp", "--qf", "%{NAME} %{VERSION} %{ARCH}", rpms["noarch"]]) == "%s %s noarch" % (NAME, xapi_storage_tasks.__version__)
 
 
 @needs_rpm
 def test_the_source_tarball_is_the_working_tree_not_the_last_commit(rpms):
     srpm_files = check(["rpm", "-qpl", rpms["src"]]).split()
-    tarball_name = "%s-%s.tar.gz" % (NAME, plugin.__version__)
+    tarball_name = "%s-%s.tar.gz" % (NAME, xapi_storage_tasks.__version__)
     assert sorted(srpm_files) == sorted([tarball_name, NAME + ".spec"])
     tarball = os.path.join(os.path.dirname(os.path.dirname(rpms["src"])), "SOURCES", tarball_name)
-    prefix = "%s-%s/" % (NAME, plugin.__version__)
+    prefix = "%s-%s/" % (NAME, xapi_storage_tasks.__version__)
     members = check(["tar", "tzf", tarball]).split("\n")
     assert all(m.startswith(prefix) for m in members if m)
     members = {m[len(prefix):] for m in members if m}
@@ -171,7 +174,7 @@ def test_the_source_tarball_is_the_working_tree_not_the_last_commit(rpms):
     assert members <= present | {f for f in members if not os.path.lexists(os.path.join(ROOT, f))}
     ignored = check(["git", "ls-files", "-z", "-o", "-i", "--exclude-standard"], cwd=ROOT).split("\0")
     assert not members & set(ignored)
-    assert {"plugin/registry.py", "bin/dispatch", "packaging/%s.spec" % NAME} <= members
+    assert {"plugin/xapi_storage_tasks/registry.py", "bin/dispatch", "packaging/%s.spec" % NAME} <= members
 
 
 # ---------------------------------------------------------------------------
@@ -237,7 +240,7 @@ def test_scriptlets_never_signal_task_workers(rpm_file):
 
 
 def test_tmpfiles_snippet_creates_the_default_state_dir_of_root(monkeypatch):
-    from plugin import store
+    from xapi_storage_tasks.tasks import store
 
     monkeypatch.delenv("TASK_STATE_DIR", raising=False)
     monkeypatch.setattr(store.os, "geteuid", lambda: 0)
@@ -284,7 +287,7 @@ def test_installed_task_stat_of_a_bad_id_is_an_error_record(scratch_root, siteli
     assert isinstance(trace["error"], str)
     assert len(trace["files"]) == len(trace["lines"]) and all(isinstance(n, int) for n in trace["lines"])
     # The code that ran is the installed one, not this checkout's.
-    assert trace["files"] and all(f.startswith(scratch_root + sitelib + "/plugin/") for f in trace["files"]), trace["files"]
+    assert trace["files"] and all(f.startswith(scratch_root + sitelib + "/xapi_storage_tasks/") for f in trace["files"]), trace["files"]
 
 
 @needs_rpm
@@ -347,8 +350,8 @@ def make_chroot(root):
 @needs_rpm
 @needs_root
 def test_scriptlets_create_keep_and_remove_the_state_dir(tmp_path, rpm_file, monkeypatch):
-    from plugin.state import Completed
-    from plugin.store import Store
+    from xapi_storage_tasks.tasks.state import Completed
+    from xapi_storage_tasks.tasks.store import Store
 
     monkeypatch.setenv("TASK_SYSLOG", "0")
     root = str(tmp_path / "root")

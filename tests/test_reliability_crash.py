@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-import plugin.store
+import xapi_storage_tasks.tasks.store
 from conftest import BIN, run_bin
 from faults import (
     CrashAt,
@@ -40,10 +40,13 @@ from faults import (
     wait_pidfd,
 )
 from ops import write_steps
-from plugin import log, proc, task_api, worker
-from plugin.errors import TaskDoesNotExist
-from plugin.state import Completed, Pending
-from plugin.store import Store
+from xapi_storage_tasks.tasks import log
+from xapi_storage_tasks.process import identity as proc
+from xapi_storage_tasks.tasks import api as task_api
+from xapi_storage_tasks.tasks import worker
+from xapi_storage_tasks.wire.errors import TaskDoesNotExist
+from xapi_storage_tasks.tasks.state import Completed, Pending
+from xapi_storage_tasks.tasks.store import Store
 
 pytestmark = pytest.mark.reliability
 
@@ -55,7 +58,7 @@ def crash_store(state_dir, monkeypatch):
     monkeypatch.setenv("TASK_CANCEL_GRACE", "0.3")
     with Store(str(state_dir)) as s:
         yield s
-    plugin.store.os = REAL_OS
+    xapi_storage_tasks.tasks.store.os = REAL_OS
     assert kill_live_workers(state_dir) == 0, "a worker was left running"
 
 
@@ -74,7 +77,7 @@ def _stat(task_id, real):
         res = run_bin("Task.stat", {"dbg": "crash", "id": task_id})
         assert res.returncode == 0, res.stdout
         return res.json["state"]
-    from plugin import codec
+    from xapi_storage_tasks.wire import codec
 
     return codec.encode_state(task_api.stat("crash", task_id).state)
 
@@ -126,11 +129,11 @@ def test_worker_killed_at_every_store_write(crash_store, state_dir, tmp_path):
     declared artifact left."""
     trace = str(tmp_path / "trace")
     log.store_event(crash_store, "crash points: logs/ exists before the trace, as in every trial")
-    plugin.store.os = OSProxy(CrashAt(0, trace=trace))
+    xapi_storage_tasks.tasks.store.os = OSProxy(CrashAt(0, trace=trace))
     try:
         tid = worker.start("trace", write_steps, {"path": str(tmp_path / "trace.out"), "steps": 2, "delay": 0.01}, store=crash_store)
     finally:
-        plugin.store.os = REAL_OS
+        xapi_storage_tasks.tasks.store.os = REAL_OS
     assert proc.wait_gone(crash_store.get(tid).worker, 10)
     with open(trace) as f:
         points = len(f.readlines())
@@ -139,11 +142,11 @@ def test_worker_killed_at_every_store_write(crash_store, state_dir, tmp_path):
     for n in range(1, points + 2):  # points + 1: no crash at all
         for after in (False, True):
             out = str(tmp_path / ("out-%d-%d" % (n, after)))
-            plugin.store.os = OSProxy(CrashAt(n, after=after))
+            xapi_storage_tasks.tasks.store.os = OSProxy(CrashAt(n, after=after))
             try:
                 tid = worker.start("crash-%d" % n, write_steps, {"path": out, "steps": 2, "delay": 0.01}, store=crash_store)
             finally:
-                plugin.store.os = REAL_OS
+                xapi_storage_tasks.tasks.store.os = REAL_OS
             ident = crash_store.get(tid).worker
             if ident is not None:
                 assert proc.wait_gone(ident, 10)
@@ -515,11 +518,11 @@ def test_crash_then_destroy_leaves_no_trace(crash_store, state_dir, tmp_path, wh
     if where == "worker-write":
         out = str(tmp_path / "out")
         # Just after creating the temporary file of its 2nd record (declare_artifact).
-        plugin.store.os = OSProxy(CrashAt(2, after=True, name="open"))
+        xapi_storage_tasks.tasks.store.os = OSProxy(CrashAt(2, after=True, name="open"))
         try:
             tid = worker.start("leak", write_steps, {"path": out, "steps": 2, "delay": 0.01}, store=crash_store)
         finally:
-            plugin.store.os = REAL_OS
+            xapi_storage_tasks.tasks.store.os = REAL_OS
         _wait_worker_end(crash_store.get(tid).worker)
         assert run_bin("Task.stat", {"dbg": "d", "id": tid}).json["state"][0] == "Failed"
         assert run_bin("Task.destroy", {"dbg": "d", "id": tid}).returncode == 0

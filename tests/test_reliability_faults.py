@@ -4,7 +4,7 @@ a clear error; a really full file system (a 64 KiB tmpfs) never corrupts a
 task and the executables answer with the error record.
 
 Faults are injected through the store module's own ``os`` reference
-(``plugin.store.os``), so nothing else in the process is affected.
+(``xapi_storage_tasks.tasks.store.os``), so nothing else in the process is affected.
 """
 
 import errno
@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-import plugin.store
+import xapi_storage_tasks.tasks.store
 from conftest import run_bin
 from faults import (
     Bystander,
@@ -31,10 +31,10 @@ from faults import (
     snapshot,
     task_file_problems,
 )
-from plugin import worker
-from plugin.errors import InternalError
-from plugin.state import Completed, Pending
-from plugin.store import Store
+from xapi_storage_tasks.tasks import worker
+from xapi_storage_tasks.wire.errors import InternalError
+from xapi_storage_tasks.tasks.state import Completed, Pending
+from xapi_storage_tasks.tasks.store import Store
 
 pytestmark = pytest.mark.reliability
 
@@ -64,11 +64,11 @@ def _plan(store, kind):
     _make(store, kind)  # warm up (subdirectories exist)
     _, op = _make(store, kind)
     counter = Counter()
-    plugin.store.os = OSProxy(counter)
+    xapi_storage_tasks.tasks.store.os = OSProxy(counter)
     try:
         op()
     finally:
-        plugin.store.os = os
+        xapi_storage_tasks.tasks.store.os = os
     return counter.calls
 
 
@@ -88,14 +88,14 @@ def _inject(store, state_dir, kind, name, n, err):
     before = snapshot(state_dir)
     ids_before = store.ids()
     hook = FailAt(name, n, err)
-    plugin.store.os = OSProxy(hook)
+    xapi_storage_tasks.tasks.store.os = OSProxy(hook)
     raised = None
     try:
         op()
     except BaseException as e:  # noqa: B902 - we classify it below
         raised = e
     finally:
-        plugin.store.os = os
+        xapi_storage_tasks.tasks.store.os = os
     assert hook.fired, "no %s #%d in %s" % (name, n, kind)
     return raised, before, snapshot(state_dir), task_id, ids_before
 
@@ -115,7 +115,7 @@ def test_write_faults_leave_previous_state_intact(store, state_dir):
     """Promise: when any system call of a task write fails before the new
     file is renamed into place (creating the temporary file, writing it,
     fsyncing it, renaming it) with ENOSPC or EIO, the call raises
-    plugin.errors.InternalError naming the error, the task's file keeps its
+    xapi_storage_tasks.wire.errors.InternalError naming the error, the task's file keeps its
     previous bytes, no temporary file is left, a failed create leaves no
     trace at all, and the same call succeeds once the fault is gone."""
     trials = 0
@@ -146,7 +146,7 @@ def test_write_faults_leave_previous_state_intact(store, state_dir):
 def test_every_store_io_error_is_an_internal_error(store, state_dir):
     """Promise: every failing system call of a store write (including the
     directory fsync after the rename, the lock and marker files of create,
-    and destroy's unlinks and fsync) raises plugin.errors.InternalError
+    and destroy's unlinks and fsync) raises xapi_storage_tasks.wire.errors.InternalError
     naming the error, and every task file stays whole (old or new). The one
     exception is by design: dropping the Pending marker after a durable
     Completed write is best effort, and the call succeeds."""

@@ -1,6 +1,6 @@
 """Fuzzing the input boundary with hypothesis: arbitrary stdin bytes,
 arbitrary params objects (right and wrong keys and types), JSON-RPC
-envelopes and positional argv, for every method in plugin.registry.METHODS.
+envelopes and positional argv, for every method in xapi_storage_tasks.registry.METHODS.
 
 The answer must always be a valid result with exit 0 or a valid error
 record with exit 1 (every field present and typed; stdout one line of
@@ -8,7 +8,7 @@ strict JSON; stderr one line); bad input is reported as such, never as
 ``Internal_error``; and a call that fails leaves the store (tasks, locks,
 markers, temporary files) byte for byte as it was.
 
-Most examples run in-process through ``plugin.runner.main`` (the code every
+Most examples run in-process through ``xapi_storage_tasks.entry.main`` (the code every
 ``bin/`` executable runs) with stdin/stdout swapped for in-memory streams;
 a smaller number go through the real executables. Violations are collected
 by category over the whole run (smallest example kept) and reported at
@@ -36,9 +36,13 @@ from hypothesis.configuration import set_hypothesis_home_dir
 
 from conftest import BIN, run_bin
 from faults import env_int, report, snapshot
-from plugin import codec, ids, lifecycle, registry, runner
-from plugin.state import Completed, Failed
-from plugin.store import Store
+from xapi_storage_tasks.wire import codec
+from xapi_storage_tasks.tasks import ids
+from xapi_storage_tasks.tasks import lifecycle
+from xapi_storage_tasks import registry
+from xapi_storage_tasks import entry as runner
+from xapi_storage_tasks.tasks.state import Completed, Failed
+from xapi_storage_tasks.tasks.store import Store
 
 pytestmark = pytest.mark.reliability
 
@@ -456,7 +460,7 @@ class Fuzzer:
 
 @pytest.fixture
 def fuzzer(state_dir, monkeypatch):
-    import plugin.worker
+    import xapi_storage_tasks.tasks.worker
 
     monkeypatch.setattr(lifecycle, "START_TIMEOUT", 1e9)  # seeded Pending tasks stay Pending
     started = []
@@ -465,7 +469,7 @@ def fuzzer(state_dir, monkeypatch):
         started.append(a)
         raise RuntimeError("fuzz harness: a worker would have started")
 
-    monkeypatch.setattr(plugin.worker, "start", no_workers)
+    monkeypatch.setattr(xapi_storage_tasks.tasks.worker, "start", no_workers)
     f = Fuzzer(state_dir)
     yield f
     assert started == [], "a fuzz input started a worker"

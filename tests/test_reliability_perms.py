@@ -16,9 +16,9 @@ import pytest
 
 from conftest import BIN, ROOT
 from faults import dead_identity, kill_live_workers, report, tree
-from plugin import proc
-from plugin.state import Completed
-from plugin.store import Store
+from xapi_storage_tasks.process import identity as proc
+from xapi_storage_tasks.tasks.state import Completed
+from xapi_storage_tasks.tasks.store import Store
 
 pytestmark = pytest.mark.reliability
 

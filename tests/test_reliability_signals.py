@@ -15,9 +15,10 @@ import time
 
 import pytest
 
-from conftest import BIN, ROOT, run_bin
+from conftest import BIN, SRC, run_bin
 from faults import Bystander, report
-from plugin import lifecycle, proc
+from xapi_storage_tasks.tasks import lifecycle
+from xapi_storage_tasks.process import identity as proc
 
 pytestmark = pytest.mark.reliability
 
@@ -162,12 +163,12 @@ def test_cancel_from_a_caller_whose_own_identity_is_the_worker(store, state_dir,
     script = (
         "import json, os, sys\n"
         "sys.path.insert(0, %r)\n"
-        "from plugin import proc\n"
-        "from plugin.store import Store\n"
+        "from xapi_storage_tasks.process import identity as proc\n"
+        "from xapi_storage_tasks.tasks.store import Store\n"
         "with Store() as s:\n"
         "    s.annotate(%r, lambda t: setattr(t, 'worker', proc.identity()))\n"
         "os.execv(%r, [%r, '--json'])\n"
-    ) % (ROOT, task.id, os.path.join(BIN, "Task.cancel"), os.path.join(BIN, "Task.cancel"))
+    ) % (SRC, task.id, os.path.join(BIN, "Task.cancel"), os.path.join(BIN, "Task.cancel"))
     p = subprocess.run([sys.executable, "-c", script], input=json.dumps({"dbg": "d", "id": task.id}).encode(),
                        capture_output=True, timeout=30, start_new_session=True)
     ident = store.get(task.id).worker

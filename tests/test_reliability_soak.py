@@ -17,7 +17,7 @@ from collections import Counter
 
 import pytest
 
-import plugin.store
+import xapi_storage_tasks.tasks.store
 from conftest import BIN, ROOT, run_bin
 from faults import (
     OSProxy,
@@ -31,10 +31,13 @@ from faults import (
     task_file_problems,
 )
 from ops import write_steps
-from plugin import ids, proc, task_api, worker
-from plugin.state import Completed, Failed
-from plugin.store import Store
-from plugin.task import Task
+from xapi_storage_tasks.tasks import ids
+from xapi_storage_tasks.process import identity as proc
+from xapi_storage_tasks.tasks import api as task_api
+from xapi_storage_tasks.tasks import worker
+from xapi_storage_tasks.tasks.state import Completed, Failed
+from xapi_storage_tasks.tasks.store import Store
+from xapi_storage_tasks.tasks.record import Task
 
 pytestmark = pytest.mark.reliability
 
@@ -283,11 +286,11 @@ def test_cancel_landing_while_the_task_is_marked_completed(state_dir, store, tmp
         return record.get("state", [None])[0] == "Completed"
 
     hook = SigtermOnWrite(completing, proof=str(proof))
-    plugin.store.os = OSProxy(hook)
+    xapi_storage_tasks.tasks.store.os = OSProxy(hook)
     try:
         tid = worker.start("complete-race", write_steps, {"path": str(out), "steps": 3, "delay": 0.01}, store=store)
     finally:
-        plugin.store.os = os
+        xapi_storage_tasks.tasks.store.os = os
     assert proc.wait_gone(store.get(tid).worker, 10)
     state = store.get(tid).state
     report("cancel while marking Completed", trials=1, faults_injected=int(proof.exists()), final_state=state,

@@ -1,5 +1,5 @@
-"""The socket daemon (plugin.server), run for real: daemon processes started
-with ``python3 -m plugin.server --socket ...``, real curl, raw sockets,
+"""The socket daemon (xapi_storage_tasks.daemon.server), run for real: daemon processes started
+with ``python3 -m xapi_storage_tasks.daemon.server --socket ...``, real curl, raw sockets,
 real signals, real workers. Every daemon is killed in a finalizer."""
 
 import json
@@ -17,10 +17,11 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_bin
-from plugin import proc, registry
-from plugin.state import CANCELLED, Completed
-from plugin.store import Store
+from conftest import ROOT, SRC, run_bin
+from xapi_storage_tasks.process import identity as proc
+from xapi_storage_tasks import registry
+from xapi_storage_tasks.tasks.state import CANCELLED, Completed
+from xapi_storage_tasks.tasks.store import Store
 
 CURL = "/usr/bin/curl"
 TESTS = os.path.join(ROOT, "tests")
@@ -36,7 +37,9 @@ WRAPPER = r'''
 import sys
 sys.path[:0] = [%(root)r, %(tests)r]
 from ops import write_steps
-from plugin import registry, server, worker
+from xapi_storage_tasks import registry
+from xapi_storage_tasks.daemon import server
+from xapi_storage_tasks.tasks import worker
 
 def start_steps(dbg, path, steps, delay, ignore_term):
     """Test.start: write_steps as a task started by this daemon."""
@@ -67,13 +70,13 @@ class DaemonProc:
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(self.notify_path)
         env = dict(os.environ if env is None else env)
-        env["PYTHONPATH"] = ROOT
+        env["PYTHONPATH"] = SRC
         env["NOTIFY_SOCKET"] = self.notify_path
         if wrapper:
-            code = WRAPPER % {"root": ROOT, "tests": TESTS, "spec": TEST_START_SPEC}
+            code = WRAPPER % {"root": SRC, "tests": TESTS, "spec": TEST_START_SPEC}
             argv = [sys.executable, "-c", code]
         else:
-            argv = [sys.executable, "-m", "plugin.server"]
+            argv = [sys.executable, "-m", "xapi_storage_tasks.daemon.server"]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(argv + ["--socket", self.sock, *args], stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=log, env=env, cwd="/")
@@ -182,7 +185,7 @@ def no_stray_workers(state_dir):
 
 class Raw:
     """A raw client connection with its own minimal HTTP response parser
-    (independent of plugin.httpio)."""
+    (independent of xapi_storage_tasks.wire.httpio)."""
 
     def __init__(self, path, timeout=10):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -755,8 +758,8 @@ def test_a_path_that_is_not_a_socket_is_left_alone(daemons, tmp_path):
 
 def test_detach_writes_a_pidfile_and_cleans_up(tmp_path, state_dir):
     sock, pidfile = str(tmp_path / "d.sock"), str(tmp_path / "d.pid")
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    argv = [sys.executable, "-m", "plugin.server", "--socket", sock, "--detach", "--pidfile", pidfile]
+    env = dict(os.environ, PYTHONPATH=SRC)
+    argv = [sys.executable, "-m", "xapi_storage_tasks.daemon.server", "--socket", sock, "--detach", "--pidfile", pidfile]
     out = subprocess.run(argv, capture_output=True, env=env, timeout=30, cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr  # returns once serving, pipes closed
     pid = int(open(pidfile).read())

@@ -9,11 +9,11 @@ import textwrap
 
 import pytest
 
-from conftest import ROOT
-from plugin import store as store_mod
-from plugin.errors import InternalError, TaskDoesNotExist
-from plugin.state import Completed, Failed, Pending, TransitionRefused
-from plugin.store import Store
+from conftest import SRC
+from xapi_storage_tasks.tasks import store as store_mod
+from xapi_storage_tasks.wire.errors import InternalError, TaskDoesNotExist
+from xapi_storage_tasks.tasks.state import Completed, Failed, Pending, TransitionRefused
+from xapi_storage_tasks.tasks.store import Store
 
 
 def test_create_then_transitions_follow_the_table(store):
@@ -60,20 +60,20 @@ def test_symlinks_inside_the_store_are_not_followed(store, state_dir, tmp_path):
     outside.write_text(real.read_text())
     real.unlink()
     real.symlink_to(outside)
-    from plugin.errors import TaskCorrupt
+    from xapi_storage_tasks.wire.errors import TaskCorrupt
 
     with pytest.raises(TaskCorrupt):
         store.get(task.id)
     (state_dir / "logs").rename(tmp_path / "logs-elsewhere")
     (state_dir / "logs").symlink_to(tmp_path / "logs-elsewhere")
-    from plugin.errors import StateDirInvalid
+    from xapi_storage_tasks.wire.errors import StateDirInvalid
 
     with Store(str(state_dir)) as fresh, pytest.raises(StateDirInvalid):
         fresh.dir_fd("logs")
 
 
 def test_destroy_removes_every_file(store, state_dir):
-    from plugin import log
+    from xapi_storage_tasks.tasks import log
 
     task = store.create("d")
     log.task_event(store, task, "hello")
@@ -106,8 +106,8 @@ WRITER = textwrap.dedent(
     """
     import sys
     sys.path.insert(0, sys.argv[1])
-    from plugin.store import Store
-    from plugin.state import Pending
+    from xapi_storage_tasks.tasks.store import Store
+    from xapi_storage_tasks.tasks.state import Pending
     s = Store(sys.argv[2])
     for i in range(1, int(sys.argv[4]) + 1):
         s.transition(sys.argv[3], lambda t, i=i: Pending(i / 1e6))
@@ -118,7 +118,7 @@ WRITER = textwrap.dedent(
 def test_readers_never_see_a_partial_file(store, state_dir):
     task = store.create("d" * 5000)  # a bigger file makes torn reads likelier
     writes = 400
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, ROOT, str(state_dir), task.id, str(writes)])
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, SRC, str(state_dir), task.id, str(writes)])
     seen, reads = set(), 0
     path = state_dir / "tasks" / (task.id + ".json")
     try:
@@ -139,13 +139,13 @@ def test_concurrent_transitions_are_serialized(store, state_dir):
         """
         import sys
         sys.path.insert(0, sys.argv[1])
-        from plugin.store import Store
+        from xapi_storage_tasks.tasks.store import Store
         s = Store(sys.argv[2])
         for _ in range(50):
             s.annotate(sys.argv[3], lambda t: t.artifacts.append("x"))
         """
     )
-    procs = [subprocess.Popen([sys.executable, "-c", code, ROOT, str(state_dir), task.id]) for _ in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, SRC, str(state_dir), task.id]) for _ in range(4)]
     assert [p.wait() for p in procs] == [0] * 4
     assert len(store.get(task.id).artifacts) == 200  # no lost update
 

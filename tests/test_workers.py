@@ -11,9 +11,11 @@ import time
 import pytest
 
 from conftest import ROOT, run_bin
-from plugin import lifecycle, proc, worker
-from plugin.state import CANCELLED, Completed, Failed, Pending
-from plugin.store import Store
+from xapi_storage_tasks.tasks import lifecycle
+from xapi_storage_tasks.process import identity as proc
+from xapi_storage_tasks.tasks import worker
+from xapi_storage_tasks.tasks.state import CANCELLED, Completed, Failed, Pending
+from xapi_storage_tasks.tasks.store import Store
 
 STARTER = os.path.join(ROOT, "tests", "start_task.py")
 

@@ -6,7 +6,7 @@
 #   tools/build-rpm.sh [extra rpmbuild arguments, e.g. --define 'plugin_name file']
 #
 # RPM_TOPDIR   rpmbuild's top directory (default: ./rpmbuild, git-ignored).
-# The version is plugin.__version__ from plugin/__init__.py. The source
+# The version is xapi_storage_tasks.__version__ from plugin/xapi_storage_tasks/__init__.py. The source
 # tarball holds the tracked files plus the untracked files git does not
 # ignore, as they are on disk now (git archive would miss uncommitted work).
 set -euo pipefail
@@ -20,8 +20,8 @@ command -v rpmbuild >/dev/null || die "rpmbuild not found (Debian/Ubuntu: apt-ge
 command -v git >/dev/null && git rev-parse --is-inside-work-tree >/dev/null 2>&1 ||
     die "$top is not a git working tree: the file list comes from git ls-files"
 
-version=$(sed -n 's/^__version__[[:space:]]*=[[:space:]]*["'\'']\([^"'\'']*\)["'\''][[:space:]]*$/\1/p' plugin/__init__.py)
-[ -n "$version" ] || die "no __version__ = \"...\" line in plugin/__init__.py"
+version=$(sed -n 's/^__version__[[:space:]]*=[[:space:]]*["'\'']\([^"'\'']*\)["'\''][[:space:]]*$/\1/p' plugin/xapi_storage_tasks/__init__.py)
+[ -n "$version" ] || die "no __version__ = \"...\" line in plugin/xapi_storage_tasks/__init__.py"
 case $version in
     *[!A-Za-z0-9._+~^]*) die "version '$version' is not a valid RPM version (no '-' or spaces)" ;;
 esac

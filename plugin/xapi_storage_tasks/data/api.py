@@ -3,19 +3,20 @@
 ``Data.*`` and ``Task.*`` are two views of the same store: the operation
 ``["CopyV1", id]`` is the task ``id``. Copies are validated in the calling
 process (bad input makes no task), then run by a detached worker
-(:mod:`plugin.copy`).
+(:mod:`xapi_storage_tasks.data.copy`).
 """
 
-from plugin import lifecycle
-from plugin.codec import OPERATION_TAGS
-from plugin.errors import PluginError, TaskCorrupt, TaskDoesNotExist, Unimplemented
-from plugin.store import Store
+from xapi_storage_tasks.tasks import lifecycle
+from xapi_storage_tasks.wire.codec import OPERATION_TAGS
+from xapi_storage_tasks.wire.errors import PluginError, TaskCorrupt, TaskDoesNotExist, Unimplemented
+from xapi_storage_tasks.tasks.store import Store
 
 
 def copy(dbg, uri, domain, remote, blocklist):
     """Start copying ``uri`` (or the ranges of ``blocklist``) to ``remote``;
     returns ``("CopyV1", task id)`` at once."""
-    from plugin import copy as engine, worker
+    from xapi_storage_tasks.data import copy as engine
+    from xapi_storage_tasks.tasks import worker
 
     args = engine.plan(uri, remote, blocklist)
     return "CopyV1", worker.start(dbg, engine.run, args, kind="CopyV1")

@@ -16,7 +16,7 @@ connection forever).
 
 Also here, because both ends need it: the default socket path. (The error
 names the daemon answers a refused connection with, ``Permission_denied``
-and ``Service_unavailable``, are in :mod:`plugin.errors`.)
+and ``Service_unavailable``, are in :mod:`xapi_storage_tasks.wire.errors`.)
 """
 
 import os
@@ -24,8 +24,8 @@ import re
 import socket
 import time
 
-from plugin import store
-from plugin.runner import MAX_INPUT
+from xapi_storage_tasks.tasks import store
+from xapi_storage_tasks.entry import MAX_INPUT
 
 MAX_BODY = MAX_INPUT  # the executables' limit, so both transports agree
 MAX_HEAD = 16 * 1024

@@ -1,7 +1,7 @@
-"""The task daemon: every method of :mod:`plugin.registry` as JSON-RPC over
+"""The task daemon: every method of :mod:`xapi_storage_tasks.registry` as JSON-RPC over
 HTTP/1.1 on a Unix-domain socket.
 
-    python3 -m plugin.server [--socket PATH] [--foreground | --detach [--pidfile F]]
+    python3 -m xapi_storage_tasks.daemon.server [--socket PATH] [--foreground | --detach [--pidfile F]]
                              [--group NAME] [--max-connections N]
 
 A request is the same JSON-RPC envelope the executables read in envelope
@@ -11,7 +11,7 @@ mode, POSTed to any path::
          -d '{"method": "Task.ls", "params": [{"dbg": "x"}], "id": 1}' http://localhost/
 
 and the answer is the envelope they print, byte for byte (errors carry the
-same XAPI error record). Every call goes through :func:`plugin.runner.call`,
+same XAPI error record). Every call goes through :func:`xapi_storage_tasks.entry.call`,
 in this process, on the state directory of ``TASK_STATE_DIR`` (or the
 default), so the daemon and the executables can be used at the same time on
 the same tasks.
@@ -40,22 +40,22 @@ idle connections, lets requests in progress finish (at most
 ``--shutdown-timeout`` seconds; a second signal stops waiting) and exits 0.
 
 Workers started through the daemon (``Data.copy``) are forked by
-:func:`plugin.worker.spawn` from a thread of this process; see
-:func:`plugin.daemonize.prepare_for_forks` for what makes that safe. They
+:func:`xapi_storage_tasks.tasks.worker.spawn` from a thread of this process; see
+:func:`xapi_storage_tasks.daemon.daemonize.prepare_for_forks` for what makes that safe. They
 are detached exactly as when an executable starts them, so stopping or
 restarting the daemon neither kills nor orphans a task.
 
 This module is the command line; the daemon is made of:
 
-- :mod:`plugin.listener`: the listening socket's life (its directory, the
+- :mod:`xapi_storage_tasks.daemon.listener`: the listening socket's life (its directory, the
   lock file, stale and live sockets, permissions) and the peer checks;
-- :mod:`plugin.serving`: the accept loop, admission, connection limits and
+- :mod:`xapi_storage_tasks.daemon.serving`: the accept loop, admission, connection limits and
   the clean stop;
-- :mod:`plugin.rpc`: one connection's requests, and the JSON-RPC dispatch
-  through :func:`plugin.runner.call`;
-- :mod:`plugin.daemonize`: the process (foreground or ``--detach``,
+- :mod:`xapi_storage_tasks.daemon.rpc`: one connection's requests, and the JSON-RPC dispatch
+  through :func:`xapi_storage_tasks.entry.call`;
+- :mod:`xapi_storage_tasks.daemon.daemonize`: the process (foreground or ``--detach``,
   sd_notify, stop signals, its log, fork safety);
-- :mod:`plugin.httpio`: the HTTP/1.1 framing, shared with the client.
+- :mod:`xapi_storage_tasks.wire.httpio`: the HTTP/1.1 framing, shared with the client.
 """
 
 import argparse
@@ -63,11 +63,13 @@ import grp
 import os
 import sys
 
-from plugin import httpio, registry, store
-from plugin.daemonize import PROG, Log, detach, prepare_for_forks, report_ready, sd_notify, take_notify_socket
-from plugin.errors import PluginError
-from plugin.listener import StartupError
-from plugin.serving import DEFAULT_MAX_CONNECTIONS, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_TIMEOUT, Daemon
+from xapi_storage_tasks.wire import httpio
+from xapi_storage_tasks import registry
+from xapi_storage_tasks.tasks import store
+from xapi_storage_tasks.daemon.daemonize import PROG, Log, detach, prepare_for_forks, report_ready, sd_notify, take_notify_socket
+from xapi_storage_tasks.wire.errors import PluginError
+from xapi_storage_tasks.daemon.listener import StartupError
+from xapi_storage_tasks.daemon.serving import DEFAULT_MAX_CONNECTIONS, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_TIMEOUT, Daemon
 
 
 def _positive(kind):
@@ -82,7 +84,7 @@ def _positive(kind):
 
 def _parser():
     parser = argparse.ArgumentParser(
-        prog="python3 -m plugin.server",
+        prog="python3 -m xapi_storage_tasks.daemon.server",
         description="Serve the storage plugin's methods (%s) as JSON-RPC over HTTP/1.1 on a Unix socket."
         % ", ".join(sorted(registry.METHODS)),
     )

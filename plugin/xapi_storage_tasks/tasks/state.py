@@ -1,7 +1,7 @@
 """Task state: a small closed type and the table of allowed transitions.
 
 A task is ``Pending(progress)``, ``Completed(duration, result)`` or
-``Failed(message)``. Only :func:`plugin.store.Store.transition` applies
+``Failed(message)``. Only :func:`xapi_storage_tasks.tasks.store.Store.transition` applies
 transitions, and it asks :func:`check` first.
 """
 

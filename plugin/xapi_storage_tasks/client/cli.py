@@ -1,4 +1,4 @@
-"""The task service for people: ``python3 -m plugin.cli COMMAND``.
+"""The task service for people: ``python3 -m xapi_storage_tasks.client.cli COMMAND``.
 
 Commands:
 
@@ -10,7 +10,7 @@ Commands:
 Output is for people; ``--json`` prints JSON for scripts instead (``ls``:
 a list of task records, ``watch``: the final record, ``cancel`` and
 ``destroy``: ``null``; a failure prints the XAPI error record). Calls go
-through :mod:`plugin.client`: the daemon at ``--socket`` (or at the
+through :mod:`xapi_storage_tasks.client.connection`: the daemon at ``--socket`` (or at the
 default socket), else the executables.
 
 Exit status: 0 on success (for ``watch``: the task Completed), 1 on an
@@ -23,8 +23,9 @@ import shutil
 import sys
 import time
 
-from plugin import client as client_module, codec
-from plugin.errors import PluginError, TaskDoesNotExist
+from xapi_storage_tasks.client import connection as client_module
+from xapi_storage_tasks.wire import codec
+from xapi_storage_tasks.wire.errors import PluginError, TaskDoesNotExist
 
 PROG = "xapi-storage-tasks"
 BAR_WIDTH = 30
@@ -152,7 +153,7 @@ def _parser():
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON output for scripts")
     common.add_argument("--socket", default=argparse.SUPPRESS, help="the daemon's socket (default: its default path, else the executables)")
     common.add_argument("--dbg", default=argparse.SUPPRESS, help="debug context sent with every call (default: %s)" % PROG)
-    parser = argparse.ArgumentParser(prog="python3 -m plugin.cli", description=__doc__.split("\n\n")[0], parents=[common])
+    parser = argparse.ArgumentParser(prog="python3 -m xapi_storage_tasks.client.cli", description=__doc__.split("\n\n")[0], parents=[common])
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     commands.add_parser("ls", parents=[common], help="list every task").set_defaults(run=cmd_ls)

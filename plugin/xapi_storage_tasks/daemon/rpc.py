@@ -1,5 +1,5 @@
 """JSON-RPC on one HTTP connection: the daemon's request loop, and the
-dispatch of each request through :func:`plugin.runner.call`.
+dispatch of each request through :func:`xapi_storage_tasks.entry.call`.
 
 :func:`dispatch` turns a request body into the response the executables
 would print in envelope mode, byte for byte once :func:`encode_body` has
@@ -11,7 +11,7 @@ JSON-RPC 2.0 form, ``{"jsonrpc": "2.0", "error": {"code", "message",
 an invalid request, -32000 for refusals.
 
 :func:`serve_connection` serves one accepted connection: keep-alive,
-pipelined requests, the idle and request timeouts of :mod:`plugin.httpio`,
+pipelined requests, the idle and request timeouts of :mod:`xapi_storage_tasks.wire.httpio`,
 and an HTTP refusal that closes the connection after its answer.
 """
 
@@ -19,8 +19,10 @@ import socket
 import time
 import traceback
 
-from plugin import codec, httpio, runner
-from plugin.errors import InternalError, InvalidArguments, PluginError
+from xapi_storage_tasks.wire import codec
+from xapi_storage_tasks.wire import httpio
+from xapi_storage_tasks import entry as runner
+from xapi_storage_tasks.wire.errors import InternalError, InvalidArguments, PluginError
 
 LINGER = 2.0  # seconds a refused connection may take to send its request
 
@@ -124,7 +126,7 @@ def serve_connection(conn, timeout, log, stopping, on_busy, on_idle):
 
 
 def answer_refusal(conn, e, timeout):
-    """Answer the :class:`plugin.httpio.HttpError` ``e`` on ``conn`` and end
+    """Answer the :class:`xapi_storage_tasks.wire.httpio.HttpError` ``e`` on ``conn`` and end
     the conversation (the caller closes ``conn``)."""
     error = InvalidArguments(e.message)
     try:

@@ -6,19 +6,19 @@ One plain, versioned JSON object per task (never pickle):
 ``id``, ``debug_info``, ``ctime``, ``state``   the wire record
 ``updated``      time of the last write; a worker's heartbeat
 ``operation``    what the task runs, e.g. ``{"kind": "CopyV1", "args": {...}}``
-``worker``       the worker's identity (see :mod:`plugin.proc`) or null
+``worker``       the worker's identity (see :mod:`xapi_storage_tasks.process.identity`) or null
 ``cancel``       time a cancel was requested, or null
 ``artifacts``    paths the operation may have created and that must be
                  removed if it does not complete
 """
 
-from plugin import codec
+from xapi_storage_tasks.wire import codec
 
 VERSION = 1
 
 
 class Task:
-    """One task; ``state`` is a :mod:`plugin.state` value."""
+    """One task; ``state`` is a :mod:`xapi_storage_tasks.tasks.state` value."""
 
     __slots__ = (
         "id",

@@ -11,7 +11,7 @@ signals, its log, and forking workers from its threads safely.
   not start. A detached daemon logs to the store's log (:class:`Log`).
 - SIGTERM, SIGINT and SIGHUP (:data:`STOP_SIGNALS`) stop the daemon
   (:func:`install_stop_handlers`).
-- :func:`prepare_for_forks` makes :func:`plugin.worker.spawn` safe to call
+- :func:`prepare_for_forks` makes :func:`xapi_storage_tasks.tasks.worker.spawn` safe to call
   from any server thread.
 """
 
@@ -25,9 +25,9 @@ import sys
 import threading
 import time
 
-import plugin
-from plugin.listener import lock_pid_file, unlink_if_same
-from plugin.store import Store
+import xapi_storage_tasks
+from xapi_storage_tasks.daemon.listener import lock_pid_file, unlink_if_same
+from xapi_storage_tasks.tasks.store import Store
 
 PROG = "xapi-storage-tasksd"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -58,7 +58,7 @@ class Log:
                 except (OSError, ValueError):
                     pass
             return
-        from plugin import log
+        from xapi_storage_tasks.tasks import log
 
         try:
             with Store() as store:
@@ -133,13 +133,13 @@ def _after_fork_in_child():
 
 
 def prepare_for_forks():
-    """Make :func:`plugin.worker.spawn` safe to call from a server thread.
+    """Make :func:`xapi_storage_tasks.tasks.worker.spawn` safe to call from a server thread.
 
     fork() copies only the calling thread; a lock another thread held at
     that instant stays held forever in the child. The child runs Python (it
     opens a DaemonContext, then the operation), so:
 
-    - every module of the ``plugin`` package, python-daemon and syslog are
+    - every module of the package, python-daemon and syslog are
       imported now, so no server thread is ever inside an import (holding a
       module lock) when a worker is forked, and the child imports nothing
       new that a thread could be importing;
@@ -151,8 +151,8 @@ def prepare_for_forks():
 
     Call once, in the process that will serve, before starting threads.
     """
-    for info in pkgutil.iter_modules(plugin.__path__):
-        importlib.import_module("plugin." + info.name)
+    for info in pkgutil.walk_packages(xapi_storage_tasks.__path__, "xapi_storage_tasks."):
+        importlib.import_module(info.name)
     for name in ("daemon", "syslog"):
         try:
             importlib.import_module(name)

@@ -16,9 +16,10 @@ import os
 import signal
 import time
 
-from plugin import log, proc
-from plugin.errors import InternalError, TaskCorrupt, TaskDoesNotExist
-from plugin.state import CANCELLED, Failed
+from xapi_storage_tasks.tasks import log
+from xapi_storage_tasks.process import identity as proc
+from xapi_storage_tasks.wire.errors import InternalError, TaskCorrupt, TaskDoesNotExist
+from xapi_storage_tasks.tasks.state import CANCELLED, Failed
 
 START_TIMEOUT = 30.0
 GRACE_ENV = "TASK_CANCEL_GRACE"
@@ -153,7 +154,7 @@ def request_cancel(store, task_id):
     if not signalled:
         return reconcile(store, task_id)
     if first:
-        from plugin import worker
+        from xapi_storage_tasks.tasks import worker
 
         worker.spawn_escalator(store.path, task_id, grace())
     return task

@@ -8,9 +8,9 @@ floats stay floats, variants are ``["Tag", contents]``, unit results are
 
 import json
 
-from plugin import ids
-from plugin.errors import CODE, InvalidArguments
-from plugin.state import Completed, Failed, Pending
+from xapi_storage_tasks.tasks import ids
+from xapi_storage_tasks.wire.errors import CODE, InvalidArguments
+from xapi_storage_tasks.tasks.state import Completed, Failed, Pending
 
 # -- task state and record ---------------------------------------------------
 
@@ -180,7 +180,7 @@ def decode_params(spec, params):
 
 
 def error_record(error, frames=()):
-    """The XAPI error record for a :class:`~plugin.errors.PluginError`.
+    """The XAPI error record for a :class:`~xapi_storage_tasks.wire.errors.PluginError`.
 
     ``frames`` are ``(file, line)`` pairs for the backtrace.
     """

@@ -2,7 +2,7 @@
 
 Layout of the state directory (mode 0700, files 0600)::
 
-    tasks/<id>.json   the task record (see plugin.task), replaced atomically
+    tasks/<id>.json   the task record (see xapi_storage_tasks.tasks.record), replaced atomically
     tmp/              temporary files being written, renamed into tasks/;
                       a destroyed task's file on its way out
     locks/<id>        per-task lock file (flock; the kernel drops it if the
@@ -18,7 +18,7 @@ is fsynced: a reader sees the old file or the new one, never part of one,
 whatever instant a writer dies at.
 
 State changes go through :meth:`Store.transition` only, which applies the
-table in :mod:`plugin.state`; :meth:`Store.annotate` changes the private
+table in :mod:`xapi_storage_tasks.tasks.state`; :meth:`Store.annotate` changes the private
 fields and refuses to touch the state.
 """
 
@@ -30,10 +30,11 @@ import os
 import stat
 import time
 
-from plugin import ids, log
-from plugin.errors import InternalError, StateDirInvalid, TaskCorrupt, TaskDoesNotExist, TaskInProgress
-from plugin.state import Pending, check
-from plugin.task import Task
+from xapi_storage_tasks.tasks import ids
+from xapi_storage_tasks.tasks import log
+from xapi_storage_tasks.wire.errors import InternalError, StateDirInvalid, TaskCorrupt, TaskDoesNotExist, TaskInProgress
+from xapi_storage_tasks.tasks.state import Pending, check
+from xapi_storage_tasks.tasks.record import Task
 
 APP = "xapi-storage-tasks"
 ENV = "TASK_STATE_DIR"
@@ -262,8 +263,8 @@ class Store:
         Under the task's lock, ``decide(task)`` returns the new state, or
         None to leave the task alone; it may also set the task's private
         fields (e.g. clear ``artifacts`` it has removed). The change must be
-        in :data:`plugin.state.ALLOWED`, else
-        :class:`plugin.state.TransitionRefused` is raised and nothing is
+        in :data:`xapi_storage_tasks.tasks.state.ALLOWED`, else
+        :class:`xapi_storage_tasks.tasks.state.TransitionRefused` is raised and nothing is
         written. Returns the task as stored afterwards.
         """
         with self._locked(task_id):

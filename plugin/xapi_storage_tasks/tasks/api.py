@@ -1,10 +1,10 @@
 """The Task interface: ``Task.stat``, ``Task.cancel``, ``Task.destroy``,
 ``Task.ls``. Each function takes the decoded params and returns a value for
-the codec; errors are raised as :mod:`plugin.errors` exceptions. Every call
-first makes Pending tasks true to their workers (:mod:`plugin.lifecycle`)."""
+the codec; errors are raised as :mod:`xapi_storage_tasks.wire.errors` exceptions. Every call
+first makes Pending tasks true to their workers (:mod:`xapi_storage_tasks.tasks.lifecycle`)."""
 
-from plugin import lifecycle
-from plugin.store import Store
+from xapi_storage_tasks.tasks import lifecycle
+from xapi_storage_tasks.tasks.store import Store
 
 
 def stat(dbg, id):

@@ -3,7 +3,7 @@
 Every failure a caller can see is a :class:`PluginError`. Each subclass has a
 stable ``name`` that becomes the first element of ``params`` in the XAPI
 error record; the rest of ``params`` are human-readable details. Translation
-to the wire happens only in :mod:`plugin.runner` (and the daemon boundary).
+to the wire happens only in :mod:`xapi_storage_tasks.entry` (and the daemon boundary).
 
 The last three belong to the socket transport: the daemon's refusals of a
 connection (``Permission_denied``, ``Service_unavailable``) and the

@@ -38,8 +38,8 @@ import os
 import stat
 import struct
 
-from plugin import nbd
-from plugin.errors import NbdError, OperationFailed
+from xapi_storage_tasks.nbd import protocol as nbd
+from xapi_storage_tasks.wire.errors import NbdError, OperationFailed
 
 BUF_SIZE = 1 << 20
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02

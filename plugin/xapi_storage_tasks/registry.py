@@ -2,14 +2,14 @@
 
 Everything that enumerates methods derives from :data:`METHODS` or is
 checked against it by ``tests/test_contract.py``: the executables in
-``bin/``, the dispatcher in :mod:`plugin.runner`, ``setup.cfg``'s scripts,
+``bin/``, the dispatcher in :mod:`xapi_storage_tasks.entry`, ``setup.cfg``'s scripts,
 and the RPM file list.
 
 Each entry: name -> (module, function, params, result kind). ``params``
-are (name, kind) pairs decoded by :func:`plugin.codec.decode_params` (a
+are (name, kind) pairs decoded by :func:`xapi_storage_tasks.wire.codec.decode_params` (a
 kind ending in ``?`` is optional: absent or null gives None); the
 function receives them as keyword arguments and returns a value that
-:mod:`plugin.runner` encodes according to the result kind.
+:mod:`xapi_storage_tasks.entry` encodes according to the result kind.
 """
 
 TASK_ID = (("dbg", "str"), ("id", "task_id"))
@@ -17,16 +17,16 @@ OPERATION = (("dbg", "str"), ("operation", "operation"))
 MIRROR = (("dbg", "str"), ("uri", "str"), ("domain", "str"), ("remote", "str"))
 
 METHODS = {
-    "Task.stat": ("plugin.task_api", "stat", TASK_ID, "task"),
-    "Task.cancel": ("plugin.task_api", "cancel", TASK_ID, "unit"),
-    "Task.destroy": ("plugin.task_api", "destroy", TASK_ID, "unit"),
-    "Task.ls": ("plugin.task_api", "ls", (("dbg", "str"),), "id_list"),
-    "Data.copy": ("plugin.data_api", "copy", MIRROR + (("blocklist", "blocklist?"),), "operation"),
-    "Data.mirror": ("plugin.data_api", "mirror", MIRROR, "operation"),
-    "Data.stat": ("plugin.data_api", "stat", OPERATION, "status"),
-    "Data.cancel": ("plugin.data_api", "cancel", OPERATION, "unit"),
-    "Data.destroy": ("plugin.data_api", "destroy", OPERATION, "unit"),
-    "Data.ls": ("plugin.data_api", "ls", (("dbg", "str"),), "operation_list"),
+    "Task.stat": ("xapi_storage_tasks.tasks.api", "stat", TASK_ID, "task"),
+    "Task.cancel": ("xapi_storage_tasks.tasks.api", "cancel", TASK_ID, "unit"),
+    "Task.destroy": ("xapi_storage_tasks.tasks.api", "destroy", TASK_ID, "unit"),
+    "Task.ls": ("xapi_storage_tasks.tasks.api", "ls", (("dbg", "str"),), "id_list"),
+    "Data.copy": ("xapi_storage_tasks.data.api", "copy", MIRROR + (("blocklist", "blocklist?"),), "operation"),
+    "Data.mirror": ("xapi_storage_tasks.data.api", "mirror", MIRROR, "operation"),
+    "Data.stat": ("xapi_storage_tasks.data.api", "stat", OPERATION, "status"),
+    "Data.cancel": ("xapi_storage_tasks.data.api", "cancel", OPERATION, "unit"),
+    "Data.destroy": ("xapi_storage_tasks.data.api", "destroy", OPERATION, "unit"),
+    "Data.ls": ("xapi_storage_tasks.data.api", "ls", (("dbg", "str"),), "operation_list"),
 }
 
 # Methods whose repetition changes nothing: a client may resend them when a

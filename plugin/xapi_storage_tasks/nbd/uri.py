@@ -1,6 +1,6 @@
 """NBD URIs: where an export lives, parsed without touching the network.
 
-Kept apart from :mod:`plugin.nbd` so that validating a ``Data.copy``
+Kept apart from :mod:`xapi_storage_tasks.nbd.protocol` so that validating a ``Data.copy``
 request in the calling executable does not pay for importing the socket
 machinery; the worker connects.
 """
@@ -9,7 +9,7 @@ import collections
 import os
 import urllib.parse
 
-from plugin.errors import InvalidArguments
+from xapi_storage_tasks.wire.errors import InvalidArguments
 
 DEFAULT_PORT = 10809
 

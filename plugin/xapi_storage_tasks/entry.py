@@ -2,7 +2,7 @@
 
 Every ``bin/Interface.method`` executable is a link to one dispatcher that
 calls :func:`main`; the method is the executable's name, looked up in
-:mod:`plugin.registry`. This is the one place where exceptions become the
+:mod:`xapi_storage_tasks.registry`. This is the one place where exceptions become the
 XAPI error record (exit status 1) and where the calling modes differ:
 
 ``NAME --json``      stdin holds the params object; stdout the bare result.
@@ -15,8 +15,9 @@ import json
 import os
 import sys
 
-from plugin import codec, registry
-from plugin.errors import InternalError, InvalidArguments, PluginError, Unimplemented
+from xapi_storage_tasks.wire import codec
+from xapi_storage_tasks import registry
+from xapi_storage_tasks.wire.errors import InternalError, InvalidArguments, PluginError, Unimplemented
 
 MAX_INPUT = 1 << 20
 
@@ -165,8 +166,8 @@ def _one_line(text):
 def _log_traceback(name, exc):
     """The traceback of an unexpected error goes to the log, not the wire."""
     try:
-        from plugin import log
-        from plugin.store import Store
+        from xapi_storage_tasks.tasks import log
+        from xapi_storage_tasks.tasks.store import Store
 
         with Store() as store:
             log.store_event(store, unexpected_text(name, exc))

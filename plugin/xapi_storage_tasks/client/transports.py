@@ -1,6 +1,6 @@
 """How the client's calls reach the plugin, and how their answers come back.
 
-- :class:`SocketTransport`: JSON-RPC over HTTP/1.1 (:mod:`plugin.httpio`)
+- :class:`SocketTransport`: JSON-RPC over HTTP/1.1 (:mod:`xapi_storage_tasks.wire.httpio`)
   on the daemon's Unix socket, one persistent connection per concurrent
   caller, reused from call to call; a kept-alive connection the daemon
   closed before reading the request is retried once on a new one.
@@ -11,7 +11,7 @@
 
 Every transport returns the method's result or raises the exception its
 error record names: :func:`error_from_record`, through :func:`error_class`.
-:mod:`plugin.client` builds the client object on these and is where
+:mod:`xapi_storage_tasks.client.connection` builds the client object on these and is where
 callers find them.
 """
 
@@ -23,8 +23,9 @@ import subprocess
 import sysconfig
 import threading
 
-from plugin import httpio, registry
-from plugin.errors import DaemonUnavailable, InternalError, InvalidArguments, PluginError
+from xapi_storage_tasks.wire import httpio
+from xapi_storage_tasks import registry
+from xapi_storage_tasks.wire.errors import DaemonUnavailable, InternalError, InvalidArguments, PluginError
 
 DEFAULT_TIMEOUT = 60.0
 MAX_IDLE_CONNECTIONS = 8
@@ -55,8 +56,8 @@ def error_class(name):
     with _dynamic_lock:
         cls = _dynamic.get(name)
         if cls is None:
-            # "plugin.client": where callers find error_class, and these classes
-            cls = _dynamic[name] = type(str(name), (PluginError,), {"name": name, "__module__": "plugin.client"})
+            # "xapi_storage_tasks.client.connection": where callers find error_class, and these classes
+            cls = _dynamic[name] = type(str(name), (PluginError,), {"name": name, "__module__": "xapi_storage_tasks.client.connection"})
         return cls
 
 
@@ -227,8 +228,9 @@ class SocketTransport:
 def default_bin_dir():
     """Where the executables are: ``bin/`` of this checkout, the installed
     plugin directory, the scripts directory of this Python, or ``$PATH``."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    candidates = [os.path.join(here, "bin"), INSTALLED_PLUGIN_DIR, sysconfig.get_path("scripts")]
+    # plugin/xapi_storage_tasks/client/transports.py -> the checkout's root.
+    checkout = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+    candidates = [os.path.join(checkout, "bin"), INSTALLED_PLUGIN_DIR, sysconfig.get_path("scripts")]
     probe = next(iter(registry.METHODS))
     for path in candidates:
         if path and os.access(os.path.join(path, probe), os.X_OK):

@@ -22,10 +22,12 @@ import signal
 import sys
 import time
 
-from plugin import lifecycle, log, proc
-from plugin.errors import PluginError, TaskDoesNotExist
-from plugin.state import CANCELLED, Completed, Pending, TransitionRefused
-from plugin.store import Store
+from xapi_storage_tasks.tasks import lifecycle
+from xapi_storage_tasks.tasks import log
+from xapi_storage_tasks.process import identity as proc
+from xapi_storage_tasks.wire.errors import PluginError, TaskDoesNotExist
+from xapi_storage_tasks.tasks.state import CANCELLED, Completed, Pending, TransitionRefused
+from xapi_storage_tasks.tasks.store import Store
 
 START_WAIT = 10.0
 PROGRESS_INTERVAL = 0.25

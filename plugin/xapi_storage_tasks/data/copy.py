@@ -8,14 +8,14 @@ The Data API does exactly::
 
 :func:`plan` checks everything that can be checked without the target
 server and returns the JSON-able keyword arguments of :func:`run`, which
-does the copy in the worker (see :mod:`plugin.worker`).
+does the copy in the worker (see :mod:`xapi_storage_tasks.tasks.worker`).
 
 Sources are a regular file or a block device, named by an absolute path or
 by a ``file://``, ``raw+file://``, ``loop+blkback://`` or ``raw+block://``
 URI (the spellings SMAPIv3 volume plugins hand out; percent-encoded, and a
 doubled leading slash, as ``"raw+file:///" + path`` produces, is fine).
 Local targets take the same forms; remote targets are NBD URIs
-(:func:`plugin.nbd_uri.parse_uri`). Data lands at the same offsets as in the
+(:func:`xapi_storage_tasks.nbd.uri.parse_uri`). Data lands at the same offsets as in the
 source.
 
 Without a blocklist the whole source is copied; with one, exactly the
@@ -39,8 +39,10 @@ import stat
 import time
 import urllib.parse
 
-from plugin import extents, nbd_uri, store
-from plugin.errors import InvalidArguments, OperationFailed
+from xapi_storage_tasks.data import extents
+from xapi_storage_tasks.nbd import uri as nbd_uri
+from xapi_storage_tasks.tasks import store
+from xapi_storage_tasks.wire.errors import InvalidArguments, OperationFailed
 
 LOCAL_SCHEMES = ("file", "raw+file", "loop+blkback", "raw+block")
 CHUNK = 8 << 20          # bytes per copy call: progress and cancel granularity
@@ -106,7 +108,7 @@ def _examine_source(path):
 
 
 def check_blocklist(blocklist, size):
-    """Check a blocklist decoded by :func:`plugin.codec.decode_blocklist`
+    """Check a blocklist decoded by :func:`xapi_storage_tasks.wire.codec.decode_blocklist`
     (positive, sorted, non-overlapping ranges in blocks) against a source of
     ``size`` bytes; return ``[blocksize, ranges]`` with adjacent ranges
     merged, or None (copy everything)."""
@@ -267,7 +269,7 @@ def run(ctx, source, source_size, blocklist, target):
     fd = _open_source(source, source_size)
     try:
         needed = needed_bytes(blocklist, source_size)
-        from plugin import targets  # the worker's side only: sockets, ctypes
+        from xapi_storage_tasks.data import targets  # the worker's side only: sockets, ctypes
 
         dest = targets.open_target(ctx, target, needed, exact=blocklist is None)
         try:

@@ -1,13 +1,13 @@
 """The daemon's accept loop: one listening socket, the connections it
 accepted, and a clean stop.
 
-A :class:`Daemon` binds its socket (:mod:`plugin.listener`), then one
+A :class:`Daemon` binds its socket (:mod:`xapi_storage_tasks.daemon.listener`), then one
 thread (:meth:`Daemon.serve`) accepts connections and admits them: a peer
 that is not allowed is answered 403 (``Permission_denied``) and, past
 ``max_connections``, 503 (``Service_unavailable``), both without a thread,
 drained briefly so that the peer reads the answer rather than a reset.
 Each admitted connection gets a thread that serves its requests
-(:func:`plugin.rpc.serve_connection`); the daemon tracks each one as idle
+(:func:`xapi_storage_tasks.daemon.rpc.serve_connection`); the daemon tracks each one as idle
 or busy.
 
 A stop signal (or :meth:`Daemon.request_stop`) wakes the loop through a
@@ -24,9 +24,11 @@ import socket
 import threading
 import time
 
-from plugin import httpio, listener, rpc
-from plugin.daemonize import STOP_SIGNALS, Log, install_stop_handlers, sd_notify
-from plugin.errors import PermissionDenied, ServiceUnavailable
+from xapi_storage_tasks.wire import httpio
+from xapi_storage_tasks.daemon import listener
+from xapi_storage_tasks.daemon import rpc
+from xapi_storage_tasks.daemon.daemonize import STOP_SIGNALS, Log, install_stop_handlers, sd_notify
+from xapi_storage_tasks.wire.errors import PermissionDenied, ServiceUnavailable
 
 DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_TIMEOUT = 10.0

@@ -13,8 +13,8 @@ import socket
 import stat
 import struct
 
-from plugin.errors import NbdError
-from plugin.nbd_uri import parse_uri
+from xapi_storage_tasks.wire.errors import NbdError
+from xapi_storage_tasks.nbd.uri import parse_uri
 
 MAX_PAYLOAD = 32 << 20          # our cap on one request's payload
 WINDOW_REQUESTS = 16            # pipelining window: requests in flight ...

@@ -1,7 +1,7 @@
 """A Python client for the plugin's methods, as the interface documents
 show it::
 
-    from plugin import client
+    from xapi_storage_tasks.client import connection as client
 
     c = client.connect()                         # the daemon, else the executables
     c.Task.ls(dbg="x")
@@ -9,23 +9,23 @@ show it::
     c.Task.stat({"dbg": "x", "id": task_id})     # one params dict, as in the documents
     c.Data.copy(dbg="x", uri=src, domain="0", remote=dst)
 
-Methods come from :data:`plugin.registry.METHODS` (an unknown one is an
-AttributeError). A failed call raises the :mod:`plugin.errors` class whose
+Methods come from :data:`xapi_storage_tasks.registry.METHODS` (an unknown one is an
+AttributeError). A failed call raises the :mod:`xapi_storage_tasks.wire.errors` class whose
 ``name`` is the error record's ``params[0]``, with the same details; its
 ``record`` attribute holds the whole record. Names this client does not
-know become a subclass of :class:`~plugin.errors.PluginError` with that
+know become a subclass of :class:`~xapi_storage_tasks.wire.errors.PluginError` with that
 ``name``.
 
-Transports (:mod:`plugin.transports`):
+Transports (:mod:`xapi_storage_tasks.client.transports`):
 
-- **the daemon** (:mod:`plugin.server`): JSON-RPC over HTTP/1.1 on its Unix
+- **the daemon** (:mod:`xapi_storage_tasks.daemon.server`): JSON-RPC over HTTP/1.1 on its Unix
   socket, one persistent connection per concurrent caller, reused from
   call to call;
 - **the executables** in ``bin/`` (``--json`` mode), one process per call,
   so a client works where no daemon runs.
 
 ``connect(socket=PATH)`` always uses that socket. ``connect()`` uses the
-daemon at :func:`plugin.httpio.default_socket` if one answers there, and the
+daemon at :func:`xapi_storage_tasks.wire.httpio.default_socket` if one answers there, and the
 executables otherwise, deciding again at every call that finds no daemon (a
 call that could not connect was never sent, so taking the other way is
 safe).
@@ -33,9 +33,10 @@ safe).
 
 import time
 
-from plugin import httpio, registry
-from plugin.errors import DaemonUnavailable
-from plugin.transports import (
+from xapi_storage_tasks.wire import httpio
+from xapi_storage_tasks import registry
+from xapi_storage_tasks.wire.errors import DaemonUnavailable
+from xapi_storage_tasks.client.transports import (
     DEFAULT_TIMEOUT,
     AutoTransport,
     ExecTransport,
@@ -131,7 +132,7 @@ class Client:
 def connect(socket=None, bin_dir=None, timeout=DEFAULT_TIMEOUT):
     """A client. ``socket``: the daemon's socket path (always used when
     given); else the daemon at the default path if it answers, otherwise
-    the executables in ``bin_dir`` (default: :func:`plugin.transports.default_bin_dir`)."""
+    the executables in ``bin_dir`` (default: :func:`xapi_storage_tasks.client.transports.default_bin_dir`)."""
     if socket is not None:
         return Client(SocketTransport(socket, timeout))
     return Client(AutoTransport(httpio.default_socket(), bin_dir, timeout))
