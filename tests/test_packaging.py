@@ -240,14 +240,14 @@ def test_scriptlets_never_signal_task_workers(rpm_file):
 
 
 def test_tmpfiles_snippet_creates_the_default_state_dir_of_root(monkeypatch):
-    from xapi_storage_tasks.tasks import store
+    from xapi_storage_tasks import settings
 
     monkeypatch.delenv("TASK_STATE_DIR", raising=False)
-    monkeypatch.setattr(store.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(settings.os, "geteuid", lambda: 0)
     with open(os.path.join(ROOT, "packaging", NAME + ".tmpfiles")) as f:
         lines = [line.split() for line in f if line.strip() and not line.startswith("#")]
-    assert lines == [["d", store.default_path(), "0700", "root", "root", "-"]]
-    assert store.default_path() == STATE_DIR
+    assert lines == [["d", settings.state_dir(), "0700", "root", "root", "-"]]
+    assert settings.state_dir() == STATE_DIR
 
 
 # ---------------------------------------------------------------------------

@@ -151,10 +151,12 @@ def test_concurrent_transitions_are_serialized(store, state_dir):
 
 
 def test_default_path_uses_env_then_runtime_dir(monkeypatch, tmp_path):
+    from xapi_storage_tasks import settings
+
     monkeypatch.setenv("TASK_STATE_DIR", str(tmp_path / "x"))
-    assert store_mod.default_path() == str(tmp_path / "x")
+    assert settings.state_dir() == str(tmp_path / "x")
     monkeypatch.delenv("TASK_STATE_DIR")
     if os.geteuid() == 0:
-        assert store_mod.default_path() == "/run/xapi-storage-tasks"
+        assert settings.state_dir() == "/run/xapi-storage-tasks"
     else:
-        assert store_mod.default_path().endswith("xapi-storage-tasks") or "xapi-storage-tasks-" in store_mod.default_path()
+        assert settings.state_dir().endswith("xapi-storage-tasks") or "xapi-storage-tasks-" in settings.state_dir()

@@ -16,10 +16,10 @@ import os
 import sys
 
 from xapi_storage_tasks.wire import codec
-from xapi_storage_tasks import registry
+from xapi_storage_tasks import registry, settings
 from xapi_storage_tasks.wire.errors import InternalError, InvalidArguments, PluginError, Unimplemented
 
-MAX_INPUT = 1 << 20
+MAX_INPUT = settings.MAX_INPUT
 
 
 def _reject_constant(name):

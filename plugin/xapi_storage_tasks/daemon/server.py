@@ -65,6 +65,7 @@ import sys
 
 from xapi_storage_tasks.wire import httpio
 from xapi_storage_tasks import registry
+from xapi_storage_tasks import settings
 from xapi_storage_tasks.tasks import store
 from xapi_storage_tasks.daemon.daemonize import PROG, Log, detach, prepare_for_forks, report_ready, sd_notify, take_notify_socket
 from xapi_storage_tasks.wire.errors import PluginError
@@ -117,9 +118,9 @@ def main(argv=None):
     if args.pidfile and not args.detach:
         parser.error("--pidfile needs --detach")
     # Everything absolute before detaching moves us to /.
-    state = os.environ.get("TASK_STATE_DIR")
+    state = os.environ.get(settings.STATE_DIR)
     if state:
-        os.environ["TASK_STATE_DIR"] = os.path.abspath(state)
+        os.environ[settings.STATE_DIR] = os.path.abspath(state)
     os.umask(0o077)
     log = Log(to_stderr=not args.detach)
     try:
@@ -143,7 +144,7 @@ def main(argv=None):
     prepare_for_forks()
     server.install_signal_handlers()
     server.notify = notify
-    log("serving %s (pid %d, state directory %s)" % (server.path, os.getpid(), os.path.abspath(store.default_path())))
+    log("serving %s (pid %d, state directory %s)" % (server.path, os.getpid(), os.path.abspath(settings.state_dir())))
     if ready is not None:
         report_ready(ready)
     sd_notify(notify, "READY=1\nMAINPID=%d\nSTATUS=serving %s" % (os.getpid(), server.path))

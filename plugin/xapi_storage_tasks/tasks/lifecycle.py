@@ -16,26 +16,13 @@ import os
 import signal
 import time
 
+from xapi_storage_tasks import settings
 from xapi_storage_tasks.tasks import log
 from xapi_storage_tasks.process import identity as proc
 from xapi_storage_tasks.wire.errors import InternalError, TaskCorrupt, TaskDoesNotExist
 from xapi_storage_tasks.tasks.state import CANCELLED, Failed
 
 START_TIMEOUT = 30.0
-GRACE_ENV = "TASK_CANCEL_GRACE"
-DEFAULT_GRACE = 5.0
-
-
-def grace():
-    """Seconds a worker has to honour SIGTERM before SIGKILL
-    (``$TASK_CANCEL_GRACE``, default 5)."""
-    try:
-        value = float(os.environ.get(GRACE_ENV, DEFAULT_GRACE))
-    except ValueError:
-        return DEFAULT_GRACE
-    return value if value >= 0 else DEFAULT_GRACE
-
-
 def remove_artifacts(paths):
     """Remove declared artifacts, newest first; missing ones are fine.
     Returns the ``(path, error)`` pairs that could not be removed."""
@@ -79,7 +66,7 @@ def _needs_action(task, now):
         return now - task.ctime >= START_TIMEOUT
     if not _live(worker):
         return True
-    return task.cancel is not None and now - task.cancel >= grace()
+    return task.cancel is not None and now - task.cancel >= settings.cancel_grace()
 
 
 def _decide(store):
@@ -156,7 +143,7 @@ def request_cancel(store, task_id):
     if first:
         from xapi_storage_tasks.tasks import worker
 
-        worker.spawn_escalator(store.path, task_id, grace())
+        worker.spawn_escalator(store.path, task_id, settings.cancel_grace())
     return task
 
 

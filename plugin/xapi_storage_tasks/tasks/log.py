@@ -9,19 +9,14 @@ full disk must not turn a successful call into a failed one.
 import os
 import time
 
+from xapi_storage_tasks import settings
+
 IDENT = "xapi-storage-tasks"
-
-
-def _use_syslog():
-    forced = os.environ.get("TASK_SYSLOG")
-    if forced in ("0", "1"):
-        return forced == "1"
-    return os.path.exists("/dev/log")
 
 
 def _emit(store, filename, line):
     try:
-        if _use_syslog():
+        if settings.use_syslog():
             import syslog
 
             syslog.openlog(IDENT, syslog.LOG_PID, syslog.LOG_DAEMON)

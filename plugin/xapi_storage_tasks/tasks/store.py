@@ -30,35 +30,19 @@ import os
 import stat
 import time
 
+from xapi_storage_tasks import settings
 from xapi_storage_tasks.tasks import ids
 from xapi_storage_tasks.tasks import log
 from xapi_storage_tasks.wire.errors import InternalError, StateDirInvalid, TaskCorrupt, TaskDoesNotExist, TaskInProgress
 from xapi_storage_tasks.tasks.state import Pending, check
 from xapi_storage_tasks.tasks.record import Task
 
-APP = "xapi-storage-tasks"
-ENV = "TASK_STATE_DIR"
 MAX_TASK_FILE = 1 << 20
 TOMBSTONE = ".destroyed"
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def default_path():
-    """``$TASK_STATE_DIR``; else ``/run/xapi-storage-tasks`` for root, the
-    user's runtime directory otherwise (``/tmp/xapi-storage-tasks-UID`` as
-    a last resort; ownership is checked, so nobody else can pre-create it)."""
-    env = os.environ.get(ENV)
-    if env:
-        return env
-    if os.geteuid() == 0:
-        return "/run/" + APP
-    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
-    if os.path.isabs(runtime) and os.path.isdir(runtime):
-        return os.path.join(runtime, APP)
-    return "/tmp/%s-%d" % (APP, os.geteuid())
 
 
 def _check_dir(fd, path):
@@ -130,7 +114,7 @@ class Store:
     """A state directory. Cheap to open: one directory per method call."""
 
     def __init__(self, path=None):
-        self.path = os.path.abspath(path or default_path())
+        self.path = os.path.abspath(path or settings.state_dir())
         self._root = _open_dir(self.path)
         self._dirs = {}
 

@@ -24,10 +24,9 @@ import re
 import socket
 import time
 
-from xapi_storage_tasks.tasks import store
-from xapi_storage_tasks.entry import MAX_INPUT
+from xapi_storage_tasks import settings
 
-MAX_BODY = MAX_INPUT  # the executables' limit, so both transports agree
+MAX_BODY = settings.MAX_INPUT  # the executables' limit, so both transports agree
 MAX_HEAD = 16 * 1024
 CHUNK = 64 * 1024
 SOCKET_NAME = "daemon.sock"
@@ -58,7 +57,7 @@ def default_socket():
     """The daemon's default socket: ``daemon.sock`` in the state directory
     (``/run/xapi-storage-tasks/daemon.sock`` for root), so a daemon and a
     client that agree on ``TASK_STATE_DIR`` find each other."""
-    return os.path.join(store.default_path(), SOCKET_NAME)
+    return os.path.join(settings.state_dir(), SOCKET_NAME)
 
 
 class HttpError(Exception):

@@ -1,0 +1,65 @@
+"""Every setting the plugin reads from its environment, in one place.
+
+The toolstack calls executables with its own environment, so each setting
+has a default that is right on a host; the variables exist for operators,
+tests and the socket daemon (whose calls use the daemon's environment).
+This module imports only :mod:`os`: every layer, client included, may use
+it.
+"""
+
+import os
+
+APP = "xapi-storage-tasks"
+
+STATE_DIR = "TASK_STATE_DIR"
+"""The state directory (see :func:`state_dir`)."""
+
+CANCEL_GRACE = "TASK_CANCEL_GRACE"
+"""Seconds a cancelled worker has to stop before SIGKILL (default 5)."""
+
+SYSLOG = "TASK_SYSLOG"
+"""``1`` forces syslog, ``0`` forces ``logs/<id>.log`` files; unset: syslog
+when ``/dev/log`` exists."""
+
+DEFAULT_CANCEL_GRACE = 5.0
+MAX_INPUT = 1 << 20
+"""The largest params object or request body accepted, in bytes."""
+
+
+def state_dir() -> str:
+    """``$TASK_STATE_DIR``; else ``/run/xapi-storage-tasks`` for root, the
+    user's runtime directory otherwise (``/tmp/xapi-storage-tasks-UID`` as
+    a last resort; the store checks ownership, so nobody else can pre-create
+    it)."""
+    env = os.environ.get(STATE_DIR)
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/run/" + APP
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(runtime) and os.path.isdir(runtime):
+        return os.path.join(runtime, APP)
+    return "/tmp/%s-%d" % (APP, os.geteuid())
+
+
+def seconds(name: str, default: float) -> float:
+    """A non-negative number of seconds from variable ``name``; ``default``
+    when it is unset or not such a number."""
+    try:
+        value = float(os.environ.get(name, default))
+    except ValueError:
+        return default
+    return value if value >= 0 and value != float("inf") else default
+
+
+def cancel_grace() -> float:
+    """Seconds a worker has to honour SIGTERM before SIGKILL."""
+    return seconds(CANCEL_GRACE, DEFAULT_CANCEL_GRACE)
+
+
+def use_syslog() -> bool:
+    """Whether log lines go to syslog (else to files in the state directory)."""
+    forced = os.environ.get(SYSLOG)
+    if forced in ("0", "1"):
+        return forced == "1"
+    return os.path.exists("/dev/log")
