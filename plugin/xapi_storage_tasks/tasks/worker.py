@@ -25,6 +25,7 @@ import time
 from xapi_storage_tasks.tasks import lifecycle
 from xapi_storage_tasks.tasks import log
 from xapi_storage_tasks.process import identity as proc
+from xapi_storage_tasks.process.spawn import spawn
 from xapi_storage_tasks.wire.errors import PluginError, TaskDoesNotExist
 from xapi_storage_tasks.tasks.state import CANCELLED, Completed, Pending, TransitionRefused
 from xapi_storage_tasks.tasks.store import Store
@@ -129,47 +130,6 @@ class Context:
 
 def _func_ref(func):
     return "%s:%s" % (func.__module__, func.__qualname__)
-
-
-def _daemonize(keep_fds):
-    import daemon  # python-daemon; imported only by calls that start workers
-
-    # Drop the caller's stdio before anything else, and give DaemonContext
-    # real stream objects even if the caller had replaced sys.std* (as
-    # embedding programs and test runners do).
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    if null > 2:
-        os.close(null)
-    sys.stdin, sys.stdout, sys.stderr = (open(fd, mode, closefd=False) for fd, mode in ((0, "r"), (1, "w"), (2, "w")))
-
-    ignore = {signal.SIGTSTP: None, signal.SIGTTIN: None, signal.SIGTTOU: None, signal.SIGHUP: None}
-    daemon.DaemonContext(
-        detach_process=True,
-        umask=0o077,
-        working_directory="/",
-        files_preserve=list(keep_fds),
-        signal_map=ignore,
-        prevent_core=True,
-    ).open()
-    os.setpgid(0, 0)  # lead our own group, so a cancel can signal all of it
-
-
-def spawn(target, keep_fds=()):
-    """Run ``target()`` in a detached daemon; returns once it is detached."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            _daemonize(keep_fds)
-            target()
-            code = 0
-        except BaseException:
-            pass
-        finally:
-            os._exit(code)
-    os.waitpid(pid, 0)  # the intermediate process exits once the daemon is detached
 
 
 def start(dbg, func, args=None, kind="Task", store=None):
