@@ -19,8 +19,8 @@ import pytest
 from conftest import SRC
 from xapi_storage_tasks.data import copy
 from xapi_storage_tasks.tasks import lifecycle
-from xapi_storage_tasks.process import identity as proc
-from xapi_storage_tasks.data import targets
+from xapi_storage_tasks.process import identity
+from xapi_storage_tasks.data import local
 from xapi_storage_tasks.tasks import worker
 from xapi_storage_tasks.wire.errors import InvalidArguments
 from xapi_storage_tasks.tasks.state import CANCELLED, Completed, Failed, Pending
@@ -148,9 +148,9 @@ def copies(store, monkeypatch):
     stuck = []
     for task_id in started:
         ident = store.get(task_id).worker
-        if ident and not proc.wait_gone(ident, 10):
+        if ident and not identity.wait_gone(ident, 10):
             os.killpg(ident["pgid"], signal.SIGKILL)
-            proc.wait_gone(ident, 5)
+            identity.wait_gone(ident, 5)
             stuck.append(task_id)
     assert not stuck, "workers still running after the test: %s" % stuck
 
@@ -460,7 +460,7 @@ def test_source_changed_after_plan(copies, store, tmp_path, change):
     state, _ = finish(store, task_id)
     expect = "no longer exists" if change == "removed" else "changed size since the copy was planned: %d, now 4096" % MiB
     assert isinstance(state, Failed) and expect in state.message
-    assert proc.wait_gone(store.get(task_id).worker, 10)
+    assert identity.wait_gone(store.get(task_id).worker, 10)
     assert not (tmp_path / "dst").exists()
 
 
@@ -472,7 +472,7 @@ def test_target_created_after_plan_is_left_alone(store, tmp_path):
     task_id = worker.start("d", copy.run, args, kind="CopyV1", store=store)
     state, _ = finish(store, task_id)
     assert state == Failed("Operation_failed: target %s appeared after the copy was planned; left alone" % dst)
-    assert proc.wait_gone(store.get(task_id).worker, 10)
+    assert identity.wait_gone(store.get(task_id).worker, 10)
     assert dst.read_bytes() == b"someone else's" and listing(tmp_path) == ["dst", "src", "state"]
 
 
@@ -483,7 +483,7 @@ def test_fallback_routes_copy_the_same_bytes(copies, store, tmp_path, monkeypatc
     build(tmp_path / "dst", SPARSE[0], fill=b"\x55")
     for name in broken:
         monkeypatch.setattr(os, name, _fail_with(errno.EXDEV if name == "copy_file_range" else errno.EINVAL))
-    monkeypatch.setattr(targets, "punch_hole", _fail_with(errno.EOPNOTSUPP))  # zeros are written instead
+    monkeypatch.setattr(local, "punch_hole", _fail_with(errno.EOPNOTSUPP))  # zeros are written instead
     completed(store, copies(str(src), str(tmp_path / "dst")))
     assert read(tmp_path / "dst") == data
     completed(store, copies(str(src), str(tmp_path / "new")))
@@ -533,7 +533,7 @@ def test_big_copy_progress_and_bounded_memory(copies, store, state_dir, nbd_serv
         assert len(seen) > 3 and seen == sorted(seen) and 0 < seen[-1] <= 1.0
         assert 0 < peak[0] < 40 * 1024, "worker VmHWM %d KiB" % peak[0]
         # Logged by the copy before Completed and by the worker just after.
-        assert proc.wait_gone(store.get(task_id).worker, 10)
+        assert identity.wait_gone(store.get(task_id).worker, 10)
         log = (state_dir / "logs" / (task_id + ".log")).read_text()
         logged = re.findall(r"(operation returned)\b.*peak RSS (\d+) KiB", log)
         assert [k for k, _ in logged] == ["operation returned"], log
@@ -572,4 +572,4 @@ def test_cancel_mid_copy(copies, store, nbd_server, big_source, tmp_path, kind):
     assert store.get(task_id).artifacts == []
     assert kind == "nbd" or not dst.exists()
     assert listing(tmp_path) == sorted(["state"] + (["nbd0.log", "nbd0.sock", "src"] if kind == "nbd" else []))
-    assert proc.wait_gone(store.get(task_id).worker, 10)
+    assert identity.wait_gone(store.get(task_id).worker, 10)

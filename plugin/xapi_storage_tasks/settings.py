@@ -24,6 +24,9 @@ when ``/dev/log`` exists."""
 DEFAULT_CANCEL_GRACE = 5.0
 MAX_INPUT = 1 << 20
 """The largest params object or request body accepted, in bytes."""
+MAX_TASK_FILE = 1 << 20
+"""The largest task file the store reads back, in bytes (a copy's plan,
+blocklist included, must fit in it)."""
 
 
 def state_dir() -> str:

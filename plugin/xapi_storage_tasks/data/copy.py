@@ -15,8 +15,12 @@ by a ``file://``, ``raw+file://``, ``loop+blkback://`` or ``raw+block://``
 URI (the spellings SMAPIv3 volume plugins hand out; percent-encoded, and a
 doubled leading slash, as ``"raw+file:///" + path`` produces, is fine).
 Local targets take the same forms; remote targets are NBD URIs
-(:func:`xapi_storage_tasks.nbd.uri.parse_uri`). Data lands at the same offsets as in the
-source.
+(:func:`xapi_storage_tasks.nbd.uri.parse_uri`). Target kinds are listed in
+:mod:`xapi_storage_tasks.data.targets`. Symbolic links are resolved when
+the call is made and regular files on pseudo-filesystems (``/proc``,
+``/sys``, ...) are refused, as source or target
+(:mod:`xapi_storage_tasks.data.paths`). Data lands at the same offsets as
+in the source.
 
 Without a blocklist the whole source is copied; with one, exactly the
 listed blocks (a last block that the source only partly covers is copied up
@@ -37,14 +41,20 @@ import json
 import os
 import stat
 import time
-import urllib.parse
+from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence, Tuple
 
-from xapi_storage_tasks.data import extents
-from xapi_storage_tasks.nbd import uri as nbd_uri
-from xapi_storage_tasks.tasks import store
+from xapi_storage_tasks import settings
+from xapi_storage_tasks.data import extents, paths, targets
+from xapi_storage_tasks.data.target import Source, Spec, Target
+from xapi_storage_tasks.nbd.uri import is_nbd_uri
 from xapi_storage_tasks.wire.errors import InvalidArguments, OperationFailed
 
-LOCAL_SCHEMES = ("file", "raw+file", "loop+blkback", "raw+block")
+if TYPE_CHECKING:
+    from xapi_storage_tasks.tasks.worker import Context
+
+Blocklist = List[Any]
+"""A checked blocklist: ``[blocksize, [[start, length], ...]]`` in blocks."""
+
 CHUNK = 8 << 20          # bytes per copy call: progress and cancel granularity
 ZERO_CHUNK = 128 << 20   # bytes per zeroing call
 PLAN_HEADROOM = 64 << 10  # task file bytes besides the plan (ids, paths, dbg)
@@ -53,35 +63,7 @@ PLAN_HEADROOM = 64 << 10  # task file bytes besides the plan (ids, paths, dbg)
 # ---- plan: in the caller, before any task exists ---------------------------
 
 
-def local_path(value, what):
-    """The absolute path named by ``value`` (a path or a local URI);
-    InvalidArguments naming ``what`` if it is not one."""
-    if not isinstance(value, str) or not value:
-        raise InvalidArguments("%s must be a non-empty string" % what)
-    if "\0" in value:
-        raise InvalidArguments("%s %r contains a NUL byte" % (what, value))
-    path = value
-    if not value.startswith("/"):
-        try:
-            parts = urllib.parse.urlsplit(value)
-            path = urllib.parse.unquote(parts.path, errors="strict")
-        except ValueError as e:
-            raise InvalidArguments("%s %r is not a valid URI: %s" % (what, value, e)) from None
-        if not parts.scheme:
-            raise InvalidArguments("%s %r is neither an absolute path nor a URI" % (what, value))
-        if parts.scheme not in LOCAL_SCHEMES:
-            raise InvalidArguments("%s %r: unsupported scheme '%s' (use an absolute path or %s)" % (
-                what, value, parts.scheme, ", ".join(s + "://" for s in LOCAL_SCHEMES)))
-        if parts.netloc not in ("", "localhost"):
-            raise InvalidArguments("%s %r names host '%s': only local paths are supported" % (what, value, parts.netloc))
-        if parts.query or parts.fragment:
-            raise InvalidArguments("%s %r has a query or fragment (percent-encode '?' and '#')" % (what, value))
-        if not path.startswith("/") or "\0" in path:
-            raise InvalidArguments("%s %r does not name an absolute path" % (what, value))
-    return "/" + path.lstrip("/")
-
-
-def _open_error(what, path, e):
+def _open_error(what: str, path: str, e: OSError) -> str:
     if isinstance(e, FileNotFoundError):
         return "%s %s does not exist" % (what, path)
     if isinstance(e, PermissionError):
@@ -89,25 +71,35 @@ def _open_error(what, path, e):
     return "cannot open %s %s: %s" % (what, path, e.strerror)
 
 
-def _examine_source(path):
-    """``(stat, size)`` of a readable regular file or block device."""
+def _check_source(st: os.stat_result, path: str, error: type) -> None:
+    """A source is a regular file off pseudo-filesystems, or a block device."""
+    if stat.S_ISREG(st.st_mode):
+        fstype = paths.pseudo_filesystem(st)
+        if fstype is not None:
+            raise error("source %s is on a %s pseudo-filesystem, not storage" % (path, fstype))
+    elif not stat.S_ISBLK(st.st_mode):
+        raise error("source %s is neither a regular file nor a block device" % path)
+
+
+def _examine_source(value: object) -> Source:
+    """The source named by ``value``: links resolved, readable, a regular
+    file or a block device, with its size."""
+    named = paths.local_path(value, "source")
+    path = paths.resolve(named, "source")
     try:
         # O_NONBLOCK: a FIFO swapped in after any check must not hang us.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
-        raise InvalidArguments(_open_error("source", path, e)) from None
+        raise InvalidArguments(_open_error("source", named, e)) from None
     try:
         st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode):
-            return st, st.st_size
-        if stat.S_ISBLK(st.st_mode):
-            return st, os.lseek(fd, 0, os.SEEK_END)
-        raise InvalidArguments("source %s is neither a regular file nor a block device" % path)
+        _check_source(st, named, InvalidArguments)
+        return Source(path, st, os.lseek(fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size)
     finally:
         os.close(fd)
 
 
-def check_blocklist(blocklist, size):
+def check_blocklist(blocklist: Optional[Tuple[int, Sequence[Sequence[int]]]], size: int) -> Optional[Blocklist]:
     """Check a blocklist decoded by :func:`xapi_storage_tasks.wire.codec.decode_blocklist`
     (positive, sorted, non-overlapping ranges in blocks) against a source of
     ``size`` bytes; return ``[blocksize, ranges]`` with adjacent ranges
@@ -116,7 +108,7 @@ def check_blocklist(blocklist, size):
         return None
     blocksize, ranges = blocklist
     blocks = -(-size // blocksize)  # the last block may be partial
-    out = []
+    out: List[List[int]] = []
     for start, length in ranges:
         if start + length > blocks:
             raise InvalidArguments(
@@ -130,7 +122,7 @@ def check_blocklist(blocklist, size):
     return [blocksize, out]
 
 
-def byte_ranges(blocklist, size):
+def byte_ranges(blocklist: Optional[Blocklist], size: int) -> Iterator[Tuple[int, int]]:
     """Yield the ``(offset, length)`` byte ranges to copy: the whole source
     for None, else the checked blocklist's ranges clipped to ``size``."""
     if blocklist is None:
@@ -142,7 +134,7 @@ def byte_ranges(blocklist, size):
         yield start * blocksize, min((start + n) * blocksize, size) - start * blocksize
 
 
-def needed_bytes(blocklist, size):
+def needed_bytes(blocklist: Optional[Blocklist], size: int) -> int:
     """How large the target must be: the source, or up to the end of the
     last listed block (clipped to the source)."""
     if blocklist is None:
@@ -150,66 +142,23 @@ def needed_bytes(blocklist, size):
     if not blocklist[1]:
         return 0
     start, n = blocklist[1][-1]
-    return min((start + n) * blocklist[0], size)
+    return int(min((start + n) * blocklist[0], size))
 
 
-def _plan_target(remote, source_st, needed):
-    if isinstance(remote, str) and nbd_uri.is_nbd_uri(remote):
-        nbd_uri.parse_uri(remote)  # InvalidArguments if malformed; connecting is the worker's job
-        return {"kind": "nbd", "uri": remote}
-    path = local_path(remote, "target")
-    if path.endswith("/"):
-        raise InvalidArguments("target %s names a directory" % path)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        parent = os.path.dirname(path)
-        if os.path.lexists(path):
-            raise InvalidArguments("target %s is a dangling symbolic link" % path) from None
-        if not os.path.isdir(parent):
-            raise InvalidArguments("target directory %s does not exist" % parent) from None
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise InvalidArguments("target directory %s is not writable" % parent) from None
-        return {"kind": "new", "path": path}
-    except OSError as e:
-        raise InvalidArguments("cannot examine target %s: %s" % (path, e.strerror)) from None
-    same_device = stat.S_ISBLK(st.st_mode) and stat.S_ISBLK(source_st.st_mode) and st.st_rdev == source_st.st_rdev
-    if (st.st_dev, st.st_ino) == (source_st.st_dev, source_st.st_ino) or same_device:
-        raise InvalidArguments("source and target are the same: %s" % path)
-    if stat.S_ISREG(st.st_mode):
-        if not os.access(path, os.W_OK):
-            raise InvalidArguments("target %s is not writable" % path)
-        return {"kind": "file", "path": path}
-    if not stat.S_ISBLK(st.st_mode):
-        raise InvalidArguments("target %s is neither a regular file nor a block device" % path)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise InvalidArguments("target %s cannot be opened for writing: %s" % (path, e.strerror)) from None
-    try:
-        size = os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
-    if size < needed:
-        raise InvalidArguments("target %s is %d bytes, the copy needs %d" % (path, size, needed))
-    return {"kind": "block", "path": path}
-
-
-def plan(uri, remote, blocklist):
+def plan(uri: object, remote: object, blocklist: Optional[Tuple[int, Sequence[Sequence[int]]]]) -> dict:
     """Validate a copy of ``uri`` onto ``remote`` and return the keyword
     arguments of :func:`run` (JSON-able). ``blocklist`` is None (everything)
     or ``(blocksize, [(start, length), ...])`` in blocks, sorted and
     non-overlapping. Raises InvalidArguments; never connects to a server."""
-    if nbd_uri.is_nbd_uri(uri):
+    if is_nbd_uri(uri):
         raise InvalidArguments("source %r: NBD sources are not supported" % uri)
-    source = local_path(uri, "source")
-    source_st, size = _examine_source(source)
-    checked = check_blocklist(blocklist, size)
-    target = _plan_target(remote, source_st, needed_bytes(checked, size))
-    args = {"source": source, "source_size": size, "blocklist": checked, "target": target}
+    source = _examine_source(uri)
+    checked = check_blocklist(blocklist, source.size)
+    target = targets.plan(remote, source, needed_bytes(checked, source.size))
+    args = {"source": source.path, "source_size": source.size, "blocklist": checked, "target": target}
     # The args live in the task file, which the store refuses to read back
     # past its size limit: say so now rather than leave a corrupt task.
-    if len(json.dumps(args, separators=(",", ":"))) > store.MAX_TASK_FILE - PLAN_HEADROOM:
+    if len(json.dumps(args, separators=(",", ":"))) > settings.MAX_TASK_FILE - PLAN_HEADROOM:
         raise InvalidArguments("blocklist too large: %d ranges would not fit in a task record" % (
             len(checked[1]) if checked else 0))
     return args
@@ -218,17 +167,17 @@ def plan(uri, remote, blocklist):
 # ---- run: in the worker ----------------------------------------------------
 
 
-def _open_source(path, size):
+def _open_source(path: str, size: int) -> int:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        # O_NOFOLLOW: the plan resolved every link; one swapped in since is refused.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
         if isinstance(e, FileNotFoundError):
             raise OperationFailed("source %s no longer exists" % path) from None
         raise OperationFailed(_open_error("source", path, e)) from None
     try:
         st = os.fstat(fd)
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            raise OperationFailed("source %s is no longer a regular file or block device" % path)
+        _check_source(st, path, OperationFailed)
         now = os.lseek(fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
         if now != size:
             raise OperationFailed("source %s changed size since the copy was planned: %d, now %d bytes" % (path, size, now))
@@ -243,14 +192,14 @@ def _open_source(path, size):
     return fd
 
 
-def _to_zero(offset, length, zero_from):
+def _to_zero(offset: int, length: int, zero_from: Optional[int]) -> int:
     """How much of a hole at ``offset`` must be zeroed on the target."""
     if zero_from is None:
         return length
     return max(0, min(offset + length, zero_from) - offset)
 
 
-def _work(fd, blocklist, size, zero_from):
+def _work(fd: int, blocklist: Optional[Blocklist], size: int, zero_from: Optional[int]) -> Iterator[Tuple[int, int, bool]]:
     """The copy's steps, lazily: ``(offset, length, is_data)`` where every
     hole is one that must be zeroed."""
     for start, length in byte_ranges(blocklist, size):
@@ -261,7 +210,7 @@ def _work(fd, blocklist, size, zero_from):
                 yield offset, n, is_data
 
 
-def run(ctx, source, source_size, blocklist, target):
+def run(ctx: "Context", source: str, source_size: int, blocklist: Optional[Blocklist], target: Spec) -> None:
     """Copy as planned by :func:`plan` (these are its keys), reporting
     progress to ``ctx`` by bytes handled (data copied plus holes zeroed).
     Returns None; raises OperationFailed / NbdError on failure."""
@@ -269,14 +218,12 @@ def run(ctx, source, source_size, blocklist, target):
     fd = _open_source(source, source_size)
     try:
         needed = needed_bytes(blocklist, source_size)
-        from xapi_storage_tasks.data import targets  # the worker's side only: sockets, ctypes
-
-        dest = targets.open_target(ctx, target, needed, exact=blocklist is None)
+        dest: Target = targets.open_target(ctx, target, needed, exact=blocklist is None)
         try:
             total = sum(n for _, n, _ in _work(fd, blocklist, source_size, dest.zero_from))
             ctx.log("copy %s (%d bytes, %s) to %s: %d bytes to copy or zero" % (
                 source, source_size, "whole" if blocklist is None else "%d range(s)" % len(blocklist[1]),
-                target.get("uri") or target["path"], total))
+                Target.describe(target), total))
             done = copied = 0
             for offset, length, is_data in _work(fd, blocklist, source_size, dest.zero_from):
                 step = CHUNK if is_data else ZERO_CHUNK

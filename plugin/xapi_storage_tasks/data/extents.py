@@ -14,12 +14,13 @@ native support never return it (the kernel's generic code reports all data).
 
 import errno
 import os
+from typing import Iterator, Optional, Tuple
 
 # errnos meaning "this file or filesystem cannot answer SEEK_DATA/SEEK_HOLE"
 UNSUPPORTED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS)
 
 
-def _seek(fd, offset, whence):
+def _seek(fd: int, offset: int, whence: int) -> Optional[int]:
     """``lseek`` that returns None for ENXIO ("nothing of that kind after
     ``offset``") and raises for anything else."""
     try:
@@ -30,7 +31,7 @@ def _seek(fd, offset, whence):
         raise
 
 
-def segments(fd, start, end):
+def segments(fd: int, start: int, end: int) -> Iterator[Tuple[int, int, bool]]:
     """Yield ``(offset, length, is_data)`` covering ``[start, end)`` of ``fd``
     in order, adjacent and non-empty.
 

@@ -5,40 +5,44 @@ request in the calling executable does not pay for importing the socket
 machinery; the worker connects.
 """
 
-import collections
 import os
 import urllib.parse
+from typing import Dict, List, NamedTuple, Optional
 
 from xapi_storage_tasks.wire.errors import InvalidArguments
 
 DEFAULT_PORT = 10809
 
 
-class Address(collections.namedtuple("Address", "socket_path host port export")):
+class Address(NamedTuple):
     """Where an export lives: ``socket_path`` (then ``host`` is None and
     ``port`` 0) or ``host``/``port``; plus the ``export`` name."""
 
-    __slots__ = ()
+    socket_path: Optional[str]
+    host: Optional[str]
+    port: int
+    export: str
 
-    def __str__(self):
+    def __str__(self) -> str:
         if self.socket_path is not None:
             return "unix socket %s (export '%s')" % (self.socket_path, self.export)
-        host = "[%s]" % self.host if ":" in self.host else self.host
+        host = str(self.host)
+        host = "[%s]" % host if ":" in host else host
         return "%s:%d (export '%s')" % (host, self.port, self.export)
 
 
-def is_nbd_uri(s):
+def is_nbd_uri(s: object) -> bool:
     """Cheap prefix check: does ``s`` look like an NBD URI (valid or not)?"""
     # Broad on purpose: nbds:// or nbd+tcp:// should reach parse_uri and get
     # a clear "unsupported" error rather than be taken for a file name.
     return isinstance(s, str) and s.startswith(("nbd:", "nbd+", "nbds:", "nbds+"))
 
 
-def _bad(uri, why):
+def _bad(uri: object, why: str) -> InvalidArguments:
     return InvalidArguments("invalid NBD URI %r: %s" % (uri, why))
 
 
-def parse_uri(uri):
+def parse_uri(uri: object) -> Address:
     """Parse an NBD URI into an :class:`Address`; raise InvalidArguments.
 
     Accepted: ``nbd+unix:///EXPORT?socket=/abs/path``, ``nbd://HOST[:PORT]/
@@ -56,14 +60,14 @@ def parse_uri(uri):
     raise _bad(uri, "unsupported scheme (use nbd:// or nbd+unix://)")
 
 
-def _parse_standard(uri):
+def _parse_standard(uri: str) -> Address:
     parts = urllib.parse.urlsplit(uri)
     port = parts.port  # a property: raises ValueError on a bad port
     if parts.fragment:
         raise _bad(uri, "unexpected fragment")
     export = urllib.parse.unquote(parts.path[1:], errors="strict")
     # Query values are percent-encoded; '+' is literal (not form encoding).
-    query = {}
+    query: Dict[str, List[str]] = {}
     for item in filter(None, parts.query.split("&")):
         key, _, value = item.partition("=")
         query.setdefault(key, []).append(urllib.parse.unquote(value, errors="strict"))
@@ -81,7 +85,7 @@ def _parse_standard(uri):
     return Address(None, parts.hostname, port or DEFAULT_PORT, export)
 
 
-def _parse_legacy(uri):
+def _parse_legacy(uri: str) -> Address:
     # qemu's syntax has no escaping: the path or host simply cannot hold ':'.
     rest, _, export = uri[len("nbd:"):].partition(":exportname=")
     if rest.startswith("unix:"):
