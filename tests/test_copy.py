@@ -521,7 +521,7 @@ def test_big_copy_progress_and_bounded_memory(copies, store, state_dir, nbd_serv
         task_id = copies(str(big_source), remote, fresh=True)  # not a fork of pytest's heap
         pid, peak = store.get(task_id).worker["pid"], [0]
 
-        def sample(_):
+        def sample(_, pid=pid, peak=peak):
             try:
                 with open("/proc/%d/status" % pid) as f:
                     peak[0] = max([peak[0]] + [_kib(line) for line in f if line.startswith("VmHWM:")])
@@ -573,3 +573,240 @@ def test_cancel_mid_copy(copies, store, nbd_server, big_source, tmp_path, kind):
     assert kind == "nbd" or not dst.exists()
     assert listing(tmp_path) == sorted(["state"] + (["nbd0.log", "nbd0.sock", "src"] if kind == "nbd" else []))
     assert identity.wait_gone(store.get(task_id).worker, 10)
+
+
+# ---- stalled and silent servers (issue 12, item 4) --------------------------------
+
+
+def _freeze_when_copying(store, task_id, server):
+    """Poll until the copy has made progress, then SIGSTOP the server (the
+    worker soon blocks on a full socket or a missing reply)."""
+    state, seen = finish(store, task_id, on_progress=lambda p: p > 0 and server.send_signal(signal.SIGSTOP))
+    return state, seen
+
+
+def _wait_stopped(pid):
+    """Wait until the kernel shows ``pid`` stopped (SIGSTOP lands async)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open("/proc/%d/stat" % pid) as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                return
+        time.sleep(0.001)
+    pytest.fail("process %d did not stop" % pid)
+
+
+@pytest.mark.parametrize("connections", ["1", "4"])
+def test_cancel_stops_a_copy_blocked_on_a_frozen_server(copies, store, state_dir, nbd_server, big_source, tmp_path,
+                                                       monkeypatch, connections):
+    """The worker must stop by itself, at once: the grace period before
+    SIGKILL is longer than the test waits, and no stall timeout could fire
+    first."""
+    monkeypatch.setenv("TASK_NBD_CONNECTIONS", connections)
+    monkeypatch.setenv("TASK_NBD_IO_TIMEOUT", "600")
+    disk = tmp_path / "disk"
+    build(disk, 512 * MiB)
+    server, uri = nbd_server("qemu", disk)
+    task_id = copies(str(big_source), uri)
+    monkeypatch.setenv("TASK_CANCEL_GRACE", "600")  # for the cancel, not the copy started above
+    frozen = []
+
+    def freeze_then_cancel(p):
+        if p > 0 and not frozen:
+            server.send_signal(signal.SIGSTOP)
+            frozen.append(p)
+            _wait_stopped(server.pid)
+            lifecycle.request_cancel(store, task_id)
+
+    try:
+        state, seen = finish(store, task_id, timeout=20, on_progress=freeze_then_cancel)
+    finally:
+        server.send_signal(signal.SIGCONT)
+    assert frozen and state == Failed(CANCELLED)
+    log = (state_dir / "logs" / (task_id + ".log")).read_text()
+    assert "SIGKILL" not in log and "killed" not in log.lower(), log
+    assert identity.wait_gone(store.get(task_id).worker, 10)
+
+
+def test_frozen_server_fails_the_copy_after_the_io_timeout_naming_what_stalled(copies, store, nbd_server, big_source,
+                                                                               tmp_path, monkeypatch):
+    monkeypatch.setenv("TASK_NBD_IO_TIMEOUT", "0.5")
+    disk = tmp_path / "disk"
+    build(disk, 512 * MiB)
+    server, uri = nbd_server("qemu", disk)
+    task_id = copies(str(big_source), uri)
+    try:
+        state, seen = _freeze_when_copying(store, task_id, server)
+    finally:
+        server.send_signal(signal.SIGCONT)
+    assert isinstance(state, Failed), state
+    assert re.match(r"Nbd_error: connection to unix socket %s \(export 'exp'\) stalled: no progress for 0.5s while "
+                    r"(sending write data|sending a write request|waiting for the reply to a write at offset \d+ length \d+)$"
+                    % re.escape(str(tmp_path / "nbd0.sock")), state.message), state.message
+    assert seen[-1] < 1.0
+
+
+SILENT = """
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1]); s.listen(8)
+conns = []
+while True:
+    conns.append(s.accept()[0])  # accepts, never speaks
+"""
+
+
+def test_silent_server_fails_after_the_handshake_timeout(copies, store, tmp_path, monkeypatch):
+    monkeypatch.setenv("TASK_NBD_HANDSHAKE_TIMEOUT", "0.5")
+    src, sock = tmp_path / "src", tmp_path / "mute.sock"
+    build(src, MiB, [(0, MiB)])
+    server = subprocess.Popen([sys.executable, "-c", SILENT, str(sock)])
+    try:
+        while not sock.exists():
+            assert server.poll() is None
+            time.sleep(0.01)
+        state, _ = finish(store, copies(str(src), nbd_uri(sock)))
+    finally:
+        server.kill()
+        server.wait()
+    assert state == Failed("Nbd_error: connection to unix socket %s (export 'exp') stalled: no progress for 0.5s "
+                           "while negotiating (the server sent no greeting)" % sock)
+
+
+# ---- several connections, or one -----------------------------------------------------
+
+
+PROXY = """
+import os, socket, sys, threading
+# Like the toolstack's migration proxy: accepts exactly once, then relays.
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(sys.argv[1]); listener.listen(1)
+client = listener.accept()[0]
+listener.close()
+os.unlink(sys.argv[1])
+upstream = socket.socket(socket.AF_UNIX)
+upstream.connect(sys.argv[2])
+
+def pump(a, b):
+    while True:
+        data = a.recv(1 << 20)
+        if not data:
+            b.shutdown(socket.SHUT_WR)
+            return
+        b.sendall(data)
+
+threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
+pump(client, upstream)
+"""
+
+
+def _connections_logged(state_dir, task_id):
+    log = (state_dir / "logs" / (task_id + ".log")).read_text()
+    return int(re.search(r"(\d+) connection\(s\), requests of \d+ bytes", log).group(1)), log
+
+
+@pytest.mark.parametrize("setting, expected", [(None, 4), ("2", 2), ("1", 1)])
+def test_multi_conn_server_gets_several_connections(copies, store, state_dir, nbd_server, tmp_path, monkeypatch,
+                                                    setting, expected):
+    if setting:
+        monkeypatch.setenv("TASK_NBD_CONNECTIONS", setting)
+    src, disk = tmp_path / "src", tmp_path / "disk"
+    data = build(src, 48 * MiB, [(0, 20 * MiB), (24 * MiB, 3 * MiB + 5), (40 * MiB, 8 * MiB)], seed=3)
+    build(disk, 48 * MiB, fill=b"\xaa")
+    _, uri = nbd_server("nbdkit", "file", disk)  # nbdkit's file plugin advertises multi-conn
+    task_id = copies(str(src), uri)
+    completed(store, task_id)
+    assert _connections_logged(state_dir, task_id)[0] == expected
+    assert read(disk) == data
+
+
+def test_a_server_accepting_once_gets_one_connection(copies, store, state_dir, nbd_server, tmp_path):
+    src, disk, sock = tmp_path / "src", tmp_path / "disk", tmp_path / "proxy.sock"
+    data = build(src, 16 * MiB, [(0, 5 * MiB), (9 * MiB, 7 * MiB)], seed=4)
+    build(disk, 16 * MiB, fill=b"\xaa")
+    _, uri = nbd_server("nbdkit", "file", disk)  # advertises multi-conn, through the proxy too
+    proxy = subprocess.Popen([sys.executable, "-c", PROXY, str(sock), uri.split("socket=")[1]])
+    try:
+        while not sock.exists():
+            assert proxy.poll() is None
+            time.sleep(0.01)
+        task_id = copies(str(src), nbd_uri(sock))
+        completed(store, task_id)
+    finally:
+        proxy.kill()
+        proxy.wait()
+    count, log = _connections_logged(state_dir, task_id)
+    assert count == 1 and "another one failed" in log
+    assert read(disk) == data
+
+
+# ---- edges: pseudo-filesystems, symbolic links (issue 12, item 7) ------------------
+
+
+@pytest.mark.parametrize("uri, remote, message", [
+    ("SRC", "file:///proc/self/mem", "target /proc/self/mem is on a proc pseudo-filesystem, not storage"),
+    ("SRC", "/proc/self/status", "target /proc/self/status is on a proc pseudo-filesystem"),
+    ("SRC", "/sys/kernel/uevent_seqnum", "target /sys/kernel/uevent_seqnum is on a sysfs pseudo-filesystem"),
+    ("SRC", "/proc/self/new-file", "target /proc/self/new-file would be on a proc pseudo-filesystem"),
+    ("/proc/self/mem", "DST", "source /proc/self/mem is on a proc pseudo-filesystem, not storage"),
+    ("file:///proc/kallsyms", "DST", "source /proc/kallsyms is on a proc pseudo-filesystem"),
+])
+def test_pseudo_filesystems_are_refused_at_call_time(call, store, tmp_path, uri, remote, message):
+    build(tmp_path / "src", MiB, [(0, 4096)])
+    params = {"dbg": "d", "uri": uri.replace("SRC", str(tmp_path / "src")), "domain": "0",
+              "remote": remote.replace("DST", str(tmp_path / "dst")), "blocklist": None}
+    result = call("Data.copy", params)
+    assert result.error_name == "Invalid_arguments"
+    assert message in result.json["params"][1]
+    assert store.ids() == [] and not (tmp_path / "dst").exists()
+
+
+def test_a_pseudo_file_swapped_in_after_the_plan_is_refused_by_the_worker(copies, store, tmp_path):
+    src = tmp_path / "src"
+    build(src, MiB, [(0, MiB)])
+    args = copy.plan(str(src), str(tmp_path / "dst"), None)
+    src.unlink()
+    src.symlink_to("/proc/self/status")
+    task_id = worker.start("d", copy.run, dict(args, source_size=0), kind="CopyV1", store=store)
+    state, _ = finish(store, task_id)
+    assert isinstance(state, Failed) and "Too many levels of symbolic links" in state.message, state
+
+
+@pytest.mark.parametrize("kind", ["existing", "new-in-linked-dir"])
+def test_symlinked_target_is_resolved_and_reported(copies, store, state_dir, tmp_path, kind):
+    """Policy: a symbolic link is resolved when the call is made (LVM and
+    /dev/disk names are links); the copy writes the file it resolves to,
+    the link stays a link, and the task log names both."""
+    src, real = tmp_path / "src", tmp_path / "real"
+    data = build(src, SPARSE[0], SPARSE[1])
+    if kind == "existing":
+        build(real, MiB, fill=b"\xaa")
+        link = tmp_path / "link"
+        link.symlink_to(real)
+        target, named = real, link
+    else:
+        real.mkdir()
+        (tmp_path / "linkdir").symlink_to(real)
+        target, named = real / "img", tmp_path / "linkdir" / "img"
+    args = copy.plan(str(src), "file://" + str(named), None)
+    assert args["target"] == {"kind": "file" if kind == "existing" else "new", "path": str(target), "named": str(named)}
+    task_id = copies(str(src), "file://" + str(named))
+    completed(store, task_id)
+    assert read(target) == data
+    if kind == "existing":
+        assert os.readlink(named) == str(real)
+    log = (state_dir / "logs" / (task_id + ".log")).read_text()
+    assert "to %s (via the symbolic link %s)" % (target, named) in log
+
+
+def test_a_link_swapped_in_at_the_target_after_the_plan_is_not_followed(copies, store, tmp_path):
+    src, dst, victim = tmp_path / "src", tmp_path / "dst", tmp_path / "victim"
+    build(src, MiB, [(0, MiB)])
+    build(dst, MiB, fill=b"\x11")
+    victim.write_bytes(b"precious")
+    args = copy.plan(str(src), str(dst), None)
+    dst.unlink()
+    dst.symlink_to(victim)
+    state, _ = finish(store, worker.start("d", copy.run, args, kind="CopyV1", store=store))
+    assert isinstance(state, Failed) and "Too many levels of symbolic links" in state.message, state
+    assert victim.read_bytes() == b"precious"

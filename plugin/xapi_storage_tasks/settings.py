@@ -21,6 +21,19 @@ SYSLOG = "TASK_SYSLOG"
 """``1`` forces syslog, ``0`` forces ``logs/<id>.log`` files; unset: syslog
 when ``/dev/log`` exists."""
 
+NBD_CONNECT_TIMEOUT = "TASK_NBD_CONNECT_TIMEOUT"
+"""Seconds a copy waits to connect to an NBD server (default 10)."""
+NBD_HANDSHAKE_TIMEOUT = "TASK_NBD_HANDSHAKE_TIMEOUT"
+"""Seconds an NBD server may stay silent during the handshake (default 10)."""
+NBD_IO_TIMEOUT = "TASK_NBD_IO_TIMEOUT"
+"""Seconds an NBD server may stall a copy: no request or data accepted, no
+reply (default 30)."""
+NBD_FLUSH_TIMEOUT = "TASK_NBD_FLUSH_TIMEOUT"
+"""Seconds an NBD server may take to answer the final flush (default 300)."""
+NBD_CONNECTIONS = "TASK_NBD_CONNECTIONS"
+"""Most connections a copy opens to an NBD server that allows several
+(NBD_FLAG_CAN_MULTI_CONN); 1 keeps every copy on one (default 4)."""
+
 DEFAULT_CANCEL_GRACE = 5.0
 MAX_INPUT = 1 << 20
 """The largest params object or request body accepted, in bytes."""
@@ -58,6 +71,19 @@ def seconds(name: str, default: float) -> float:
 def cancel_grace() -> float:
     """Seconds a worker has to honour SIGTERM before SIGKILL."""
     return seconds(CANCEL_GRACE, DEFAULT_CANCEL_GRACE)
+
+
+def nbd_timeouts() -> "tuple[float, float, float, float]":
+    """The NBD stall timeouts ``(connect, handshake, io, flush)`` in seconds;
+    0 waits forever."""
+    return (seconds(NBD_CONNECT_TIMEOUT, 10.0), seconds(NBD_HANDSHAKE_TIMEOUT, 10.0),
+            seconds(NBD_IO_TIMEOUT, 30.0), seconds(NBD_FLUSH_TIMEOUT, 300.0))
+
+
+def nbd_connections() -> int:
+    """Most NBD connections per copy, 1 to 16 (default 4)."""
+    value = os.environ.get(NBD_CONNECTIONS, "")
+    return int(value) if value.isdigit() and 1 <= int(value) <= 16 else 4
 
 
 def use_syslog() -> bool:

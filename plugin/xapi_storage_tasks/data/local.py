@@ -353,11 +353,11 @@ class NewFile(Local):
         parent = os.path.dirname(str(remote.path))
         if not os.path.isdir(parent):
             raise InvalidArguments("target directory %s does not exist" % os.path.dirname(str(remote.named)))
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise InvalidArguments("target directory %s is not writable" % parent)
         fstype = paths.pseudo_filesystem(os.stat(parent))
         if fstype is not None:
             raise InvalidArguments("target %s would be on a %s pseudo-filesystem, not storage" % (remote.named, fstype))
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise InvalidArguments("target directory %s is not writable" % parent)
         return remote.spec(cls.kind)
 
     @classmethod

@@ -3,13 +3,25 @@
 The plan only parses the URI (:mod:`xapi_storage_tasks.nbd.uri`, no
 sockets); the worker connects (:mod:`xapi_storage_tasks.nbd.protocol`). The
 export must be writable and large enough. Every failure is an
-:class:`NbdError`.
+:class:`NbdError`; a stalled server fails the copy after the stall
+timeouts of :func:`xapi_storage_tasks.settings.nbd_timeouts`, naming what
+stalled, and a cancel drops the connections at once.
+
+Connections: one, unless the server advertises NBD_FLAG_CAN_MULTI_CONN
+(it then promises that a flush on one connection covers the writes
+answered on all of them); then up to ``TASK_NBD_CONNECTIONS`` (default 4),
+requests dealt round-robin. Extra connections are a bonus: one that cannot
+be opened leaves the copy on those it has. A server that accepts a single
+connection (the toolstack's migration proxy) must not advertise multi-conn
+(qemu does not for a writable export unless told to), or the copy is run
+with ``TASK_NBD_CONNECTIONS=1``.
 """
 
 import os
 import stat
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, List, Optional
 
+from xapi_storage_tasks import settings
 from xapi_storage_tasks.data.target import Remote, Source, Spec, Target, source_ended
 from xapi_storage_tasks.nbd.uri import parse_uri
 from xapi_storage_tasks.wire.errors import NbdError
@@ -34,20 +46,40 @@ class NbdExport(Target):
 
     @classmethod
     def open(cls, ctx: "Context", spec: Spec, needed: int, exact: bool) -> "NbdExport":
-        """Connect; the export must be writable and ``needed`` bytes long."""
-        from xapi_storage_tasks.nbd.protocol import Client  # the worker's side only: sockets
+        """Connect (more than once if the server allows it); the export must
+        be writable and ``needed`` bytes long."""
+        from xapi_storage_tasks.nbd.protocol import Client, Timeouts  # the worker's side only: sockets
 
-        return cls(Client.connect(parse_uri(spec["uri"])), needed)
+        address, timeouts = parse_uri(spec["uri"]), Timeouts(*settings.nbd_timeouts())
+        target = cls([Client.connect(address, timeouts)], needed)
+        first = target.clients[0]
+        wanted = settings.nbd_connections() if first.can_multi_conn else 1
+        try:
+            while len(target.clients) < wanted:
+                target.clients.append(Client.connect(address, timeouts))
+        except NbdError as e:
+            ctx.log("copying over %d connection(s): another one failed: %s" % (len(target.clients), e))
+        ctx.log("NBD export: %d bytes, flags %#x, %d connection(s), requests of %d bytes" % (
+            first.size, first.transmission_flags, len(target.clients), first.request_size))
+        return target
 
-    def __init__(self, client: "Client", needed: int) -> None:
-        self.client = client
-        export = client.address.export
-        if client.read_only:
+    def __init__(self, clients: "List[Client]", needed: int) -> None:
+        self.clients = clients
+        self._turn = 0
+        first = clients[0]
+        export = first.address.export
+        if first.read_only:
             self.abort()
-            raise NbdError("export '%s' on %s is read-only: cannot copy onto it" % (export, client.address))
-        if client.size < needed:
+            raise NbdError("export '%s' on %s is read-only: cannot copy onto it" % (export, first.address))
+        if first.size < needed:
             self.abort()
-            raise NbdError("export '%s' is %d bytes, the copy needs %d" % (export, client.size, needed))
+            raise NbdError("export '%s' is %d bytes, the copy needs %d" % (export, first.size, needed))
+
+    def _next(self) -> "Client":
+        # Round-robin: each copy call goes whole to one connection. The copy
+        # writes every byte once, so no two connections ever overlap.
+        self._turn = (self._turn + 1) % len(self.clients)
+        return self.clients[self._turn]
 
     def write(self, src: int, offset: int, length: int) -> None:
         """Send source bytes with sendfile; a source that shrank is its own
@@ -55,22 +87,25 @@ class NbdExport(Target):
         st = os.fstat(src)
         if stat.S_ISREG(st.st_mode) and st.st_size < offset + length:
             raise source_ended(st.st_size)
-        self.client.pwrite_from_fd(src, offset, length, offset)
+        self._next().pwrite_from_fd(src, offset, length, offset)
 
     def zero(self, offset: int, length: int) -> None:
         """NBD_CMD_WRITE_ZEROES (trimming allowed), or written zeros."""
-        self.client.write_zeroes(offset, length)
+        self._next().write_zeroes(offset, length)
 
     def finish(self, ctx: "Context") -> None:
-        """Wait for every reply, NBD_CMD_FLUSH, disconnect."""
-        if not self.client.can_flush:  # say so: Completed then promises less
+        """Wait for every reply on every connection, then NBD_CMD_FLUSH on
+        one (multi-conn makes it cover them all), disconnect."""
+        first = self.clients[0]
+        if not first.can_flush:  # say so: Completed then promises less
             ctx.log("the NBD server offers no flush: the data was written but may not be durable yet")
-        self.client.flush()
-        self.client.close()
+        for client in self.clients:
+            client.drain()
+        first.flush()
+        for client in self.clients:
+            client.close()
 
     def abort(self) -> None:
-        """Disconnect without waiting for replies."""
-        try:
-            self.client.close(drain=False)
-        except NbdError:
-            pass
+        """Drop every connection at once, waiting for nothing."""
+        for client in self.clients:
+            client.abort()

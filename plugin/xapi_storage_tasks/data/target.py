@@ -129,7 +129,7 @@ class Target(abc.ABC):
         """How logs and messages name a planned target."""
         name = spec.get("uri") or spec.get("path") or "?"
         if spec.get("named"):
-            return "%s (the resolved symbolic link %s)" % (name, spec["named"])
+            return "%s (via the symbolic link %s)" % (name, spec["named"])
         return str(name)
 
     @abc.abstractmethod
