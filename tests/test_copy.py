@@ -17,6 +17,7 @@ import time
 import pytest
 
 from conftest import SRC
+from test_nbd import unix_listening
 from xapi_storage_tasks.data import copy
 from xapi_storage_tasks.tasks import lifecycle
 from xapi_storage_tasks.process import identity
@@ -112,7 +113,7 @@ def nbd_server(tmp_path):
             p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         procs.append(p)
         deadline = time.monotonic() + 10
-        while not os.path.exists(sock):
+        while not unix_listening(sock):
             assert p.poll() is None and time.monotonic() < deadline, "%s did not start" % kind
             time.sleep(0.01)
         return p, nbd_uri(sock)
@@ -662,7 +663,7 @@ def test_silent_server_fails_after_the_handshake_timeout(copies, store, tmp_path
     build(src, MiB, [(0, MiB)])
     server = subprocess.Popen([sys.executable, "-c", SILENT, str(sock)])
     try:
-        while not sock.exists():
+        while not unix_listening(str(sock)):
             assert server.poll() is None
             time.sleep(0.01)
         state, _ = finish(store, copies(str(src), nbd_uri(sock)))
@@ -727,7 +728,7 @@ def test_a_server_accepting_once_gets_one_connection(copies, store, state_dir, n
     _, uri = nbd_server("nbdkit", "file", disk)  # advertises multi-conn, through the proxy too
     proxy = subprocess.Popen([sys.executable, "-c", PROXY, str(sock), uri.split("socket=")[1]])
     try:
-        while not sock.exists():
+        while not unix_listening(str(sock)):
             assert proxy.poll() is None
             time.sleep(0.01)
         task_id = copies(str(src), nbd_uri(sock))

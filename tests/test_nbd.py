@@ -27,6 +27,17 @@ MiB = 1 << 20
 # ---- server fixtures ---------------------------------------------------------
 
 
+def unix_listening(path):
+    """Whether a Unix socket is bound at ``path`` *and* listening (the file
+    appears at bind(), before listen(): connecting then is refused)."""
+    with open("/proc/net/unix") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
+                return True
+    return False
+
+
 class Server:
     """A running NBD server process and the Address of its export."""
 
@@ -45,7 +56,7 @@ class Server:
 
     def _listening(self):
         if self.sock is not None:
-            return os.path.exists(self.sock)
+            return unix_listening(self.sock)
         try:
             socket.create_connection((self.address.host, self.address.port), 1).close()
             return True
@@ -425,3 +436,75 @@ def test_overlapping_requests_are_never_in_flight_together(start_server):
             assert not any(o == 0 and n == MiB for _, o, n, _, _ in c._inflight.values())
             got = c.pread(MiB, 0)
             assert got[4096:4096 + 8192] == bytes(8192), round_
+
+
+def test_writes_go_in_requests_of_the_servers_preferred_size(start_server):
+    """qemu-nbd prefers 4 KiB blocks: requests are a multiple of that, cut
+    on multiples of the request size, within the server's maximum."""
+    server = start_server("qemu", size=64 * MiB)
+    with server.connect() as c:
+        size = c.request_size
+        assert c.preferred_block == 4096 and size % 4096 == 0 and 4096 <= size <= c.max_payload
+        sent = []
+        request = c._request
+
+        def record(cmd, offset, length, *args, **kwargs):
+            sent.append((offset, length))
+            return request(cmd, offset, length, *args, **kwargs)
+
+        c._request = record
+        data = pattern(5 * size + 100, 9)
+        c.pwrite(data, size // 2)
+        c._request = request
+        c.flush()
+        assert sent[0] == (size // 2, size - size // 2)  # up to the next multiple
+        assert all(o % size == 0 and n <= size for o, n in sent[1:])
+        assert sum(n for _, n in sent) == len(data)
+        assert c.pread(len(data), size // 2) == data
+
+
+class Interrupted(BaseException):
+    pass
+
+
+def _interrupt(signum, frame):
+    raise Interrupted()
+
+
+def test_stalled_write_fails_after_the_io_timeout_naming_it(start_server):
+    server = start_server("qemu", size=256 * MiB)
+    c = server.connect(timeouts=Timeouts(io=0.5))
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(NbdError, match=r"stalled: no progress for 0.5s while "
+                                           r"(sending write data|sending a write request|waiting for the reply to a write)"):
+            for i in range(256):
+                c.pwrite(bytes(MiB), i * MiB)
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+
+
+def test_abort_never_waits_for_a_frozen_server(start_server):
+    """A cancel is a signal whose handler raises inside a blocked send; the
+    abort that follows must return at once though the server is frozen
+    and a request is half sent (no timeout is set: only abort can end it)."""
+    server = start_server("qemu", size=256 * MiB)
+    c = server.connect(timeouts=Timeouts(io=0))
+    server.proc.send_signal(signal.SIGSTOP)
+    old = signal.signal(signal.SIGALRM, _interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(Interrupted):
+            for i in range(256):
+                c.pwrite(bytes(MiB), i * MiB)
+        assert c._mid_request  # the cancel landed inside a request
+        signal.setitimer(signal.ITIMER_REAL, 10)  # a watchdog: abort must not need it
+        c.abort()
+        c.abort()  # idempotent
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        server.proc.send_signal(signal.SIGCONT)
+    with pytest.raises(NbdError, match="is closed"):
+        c.pwrite(b"x", 0)
