@@ -89,6 +89,6 @@ def resolve(path: str, what: str) -> str:
     """``path`` with every symbolic link resolved (an absolute, normalised
     path; the last component need not exist); InvalidArguments for a loop."""
     try:
-        return os.path.realpath(path, strict=False)
+        return os.path.realpath(path)
     except OSError as e:  # ELOOP (Python >= 3.13 raises it even when not strict)
         raise InvalidArguments("cannot resolve %s %s: %s" % (what, path, e.strerror)) from None
