@@ -683,8 +683,10 @@ import os, socket, sys, threading
 listener = socket.socket(socket.AF_UNIX)
 listener.bind(sys.argv[1]); listener.listen(1)
 client = listener.accept()[0]
-listener.close()
-os.unlink(sys.argv[1])
+if sys.argv[3] == "close":
+    listener.close()
+    os.unlink(sys.argv[1])
+# else: keeps listening, never accepts again (connections wait in the backlog)
 upstream = socket.socket(socket.AF_UNIX)
 upstream.connect(sys.argv[2])
 
@@ -721,12 +723,13 @@ def test_multi_conn_server_gets_several_connections(copies, store, state_dir, nb
     assert read(disk) == data
 
 
-def test_a_server_accepting_once_gets_one_connection(copies, store, state_dir, nbd_server, tmp_path):
+@pytest.mark.parametrize("listener", ["close", "keep"])
+def test_a_server_accepting_once_gets_one_connection(copies, store, state_dir, nbd_server, tmp_path, listener):
     src, disk, sock = tmp_path / "src", tmp_path / "disk", tmp_path / "proxy.sock"
     data = build(src, 16 * MiB, [(0, 5 * MiB), (9 * MiB, 7 * MiB)], seed=4)
     build(disk, 16 * MiB, fill=b"\xaa")
     _, uri = nbd_server("nbdkit", "file", disk)  # advertises multi-conn, through the proxy too
-    proxy = subprocess.Popen([sys.executable, "-c", PROXY, str(sock), uri.split("socket=")[1]])
+    proxy = subprocess.Popen([sys.executable, "-c", PROXY, str(sock), uri.split("socket=")[1], listener])
     try:
         while not unix_listening(str(sock)):
             assert proxy.poll() is None
@@ -738,6 +741,8 @@ def test_a_server_accepting_once_gets_one_connection(copies, store, state_dir, n
         proxy.wait()
     count, log = _connections_logged(state_dir, task_id)
     assert count == 1 and "another one failed" in log
+    if listener == "keep":
+        assert "stalled: no progress for 2s while negotiating" in log
     assert read(disk) == data
 
 

@@ -16,7 +16,7 @@ Connections: one, unless the server advertises NBD_FLAG_CAN_MULTI_CONN
 (it then promises that a flush on one connection covers the writes
 answered on all of them); then up to ``TASK_NBD_CONNECTIONS`` (default 4),
 requests dealt round-robin. Extra connections are a bonus: one that cannot
-be opened leaves the copy on those it has. A server that accepts a single
+be opened, or is not greeted within 2 s, leaves the copy on those it has. A server that accepts a single
 connection (the toolstack's migration proxy) must not advertise multi-conn
 (qemu does not for a writable export unless told to), or the copy is run
 with ``TASK_NBD_CONNECTIONS=1``.
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from xapi_storage_tasks.tasks.worker import Context
 
 FLUSH_EVERY = 64 << 20  # data bytes per connection between early flushes
+EXTRA_HANDSHAKE = 2.0   # seconds an extra connection may take to greet us
 
 
 class NbdExport(Target):
@@ -61,9 +62,12 @@ class NbdExport(Target):
         target = cls([Client.connect(address, timeouts)], needed)
         first = target.clients[0]
         wanted = settings.nbd_connections() if first.can_multi_conn else 1
+        # An extra connection is a bonus: a server that accepts once and keeps
+        # listening (a proxy) costs a short wait, not the whole handshake timeout.
+        extra = timeouts._replace(handshake=min(timeouts.handshake or EXTRA_HANDSHAKE, EXTRA_HANDSHAKE))
         try:
             while len(target.clients) < wanted:
-                target.clients.append(Client.connect(address, timeouts))
+                target.clients.append(Client.connect(address, extra))
         except NbdError as e:
             ctx.log("copying over %d connection(s): another one failed: %s" % (len(target.clients), e))
         except BaseException:  # a cancel: the caller never gets the target to abort
