@@ -819,8 +819,8 @@ def test_a_link_swapped_in_at_the_target_after_the_plan_is_not_followed(copies, 
 
 
 def test_flushes_start_early_so_the_final_flush_is_short(copies, store, nbd_server, tmp_path, monkeypatch):
-    """A flush goes out (unawaited) after every 64 MiB of data on a
-    connection, so the server writes back while the copy goes on."""
+    """A flush goes out (unawaited) after every 64 MiB of data, so the
+    server writes back while the copy goes on."""
     monkeypatch.setenv("TASK_NBD_CONNECTIONS", "1")
     src, log = tmp_path / "src", tmp_path / "requests.log"
     build(src, 160 * MiB, [(0, 160 * MiB)])

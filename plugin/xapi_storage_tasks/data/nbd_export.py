@@ -8,7 +8,7 @@ timeouts of :func:`xapi_storage_tasks.settings.nbd_timeouts`, naming what
 stalled, and a cancel drops the connections at once.
 
 While copying, a flush is sent (without waiting for it) after every
-:data:`FLUSH_EVERY` bytes of data on a connection: the server writes its
+:data:`FLUSH_EVERY` bytes of data: the server writes its
 cache out while more data comes, instead of all of it at the final flush
 (measured with qemu-nbd: the copy takes about a quarter less time).
 
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from xapi_storage_tasks.nbd.protocol import Client
     from xapi_storage_tasks.tasks.worker import Context
 
-FLUSH_EVERY = 64 << 20  # data bytes per connection between early flushes
+FLUSH_EVERY = 64 << 20  # data bytes between early flushes
 EXTRA_HANDSHAKE = 2.0   # seconds an extra connection may take to greet us
 
 
@@ -73,7 +73,6 @@ class NbdExport(Target):
         except BaseException:  # a cancel: the caller never gets the target to abort
             target.abort()
             raise
-        target._unflushed = [0] * len(target.clients)
         ctx.log("NBD export: %d bytes, flags %#x, %d connection(s), requests of %d bytes" % (
             first.size, first.transmission_flags, len(target.clients), first.request_size))
         return target
@@ -81,7 +80,7 @@ class NbdExport(Target):
     def __init__(self, clients: "List[Client]", needed: int) -> None:
         self.clients = clients
         self._turn = 0
-        self._unflushed = [0] * len(clients)
+        self._unflushed = 0  # data bytes since the last early flush
         first = clients[0]
         export = first.address.export
         if first.read_only:
@@ -105,9 +104,9 @@ class NbdExport(Target):
             raise source_ended(st.st_size)
         client = self._next()
         client.pwrite_from_fd(src, offset, length, offset)
-        self._unflushed[self._turn] += length
-        if self._unflushed[self._turn] >= FLUSH_EVERY:
-            self._unflushed[self._turn] = 0
+        self._unflushed += length
+        if self._unflushed >= FLUSH_EVERY:  # on any connection: multi-conn makes it cover all
+            self._unflushed = 0
             client.start_flush()
 
     def zero(self, offset: int, length: int) -> None:
