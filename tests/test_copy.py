@@ -346,6 +346,9 @@ def test_plan_accepts_the_uri_spellings_of_smapiv3_plugins(tmp_path):
     build(tmp_path / "old", 10)
     assert copy.plan(str(src), "file://" + str(tmp_path / "old"), None)["target"] == {
         "kind": "file", "path": str(tmp_path / "old")}
+    # A path spelled with "//" or "." but no link is not reported as one.
+    assert copy.plan(str(src), str(tmp_path) + "//./old", None)["target"] == {
+        "kind": "file", "path": str(tmp_path / "old")}
     for uri in ("nbd+unix:///e?socket=/no/such.sock", "nbd:unix:/no/such.sock:exportname=e",
                 "nbd://127.0.0.1:1/e"):
         assert copy.plan(str(src), uri, None)["target"] == {"kind": "nbd", "uri": uri}  # not contacted

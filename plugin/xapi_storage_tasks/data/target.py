@@ -85,7 +85,7 @@ class Remote:
         """A local kind's spec: the resolved path, and the name as given
         when a symbolic link made them differ (the task log shows both)."""
         out: Spec = {"kind": kind, "path": self.path}
-        if self.named != self.path:
+        if self.named is not None and os.path.normpath(self.named) != self.path:
             out["named"] = self.named
         return out
 
