@@ -508,3 +508,28 @@ def test_abort_never_waits_for_a_frozen_server(start_server):
         server.proc.send_signal(signal.SIGCONT)
     with pytest.raises(NbdError, match="is closed"):
         c.pwrite(b"x", 0)
+
+
+def test_connect_times_out_on_a_full_backlog(tmp_path):
+    """A server that listens but never accepts: once its backlog is full,
+    connecting waits, for the connect timeout only."""
+    path = str(tmp_path / "busy.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    queued = []
+    try:
+        listener.bind(path)
+        listener.listen(0)
+        with pytest.raises(NbdError, match=r"cannot connect to unix socket .*: timed out after 0.3s while connecting"):
+            for _ in range(8):  # fill the backlog, then one more
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                queued.append(s)
+                s.setblocking(False)
+                try:
+                    s.connect(path)
+                except BlockingIOError:
+                    break  # full: the next blocking connect must wait
+            Client.connect(Address(path, None, 0, "x"), Timeouts(connect=0.3))
+    finally:
+        for s in queued:
+            s.close()
+        listener.close()
