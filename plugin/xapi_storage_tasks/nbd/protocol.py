@@ -32,6 +32,7 @@ WINDOW_REQUESTS = 16            # pipelining window: requests in flight ...
 WINDOW_BYTES = 32 << 20         # ... or payload bytes in flight
 ZERO_BUF_MAX = 4 << 20          # fallback write_zeroes never allocates more
 ZEROES_CHUNK = 1 << 30          # WRITE_ZEROES length is 32-bit; stay aligned
+MAX_TIMEOUT = 86400.0 * 365     # the longest stall timeout honoured
 
 NBDMAGIC, IHAVEOPT = 0x4E42444D41474943, 0x49484156454F5054
 OPT_REPLY_MAGIC = 0x3E889045565A9
@@ -87,6 +88,7 @@ def _flag(bit: int) -> property:
 def _set_timeout(sock: socket.socket, seconds: float) -> None:
     """Kernel timeouts on a blocking socket (os.sendfile needs it blocking;
     Python's own timeouts make the descriptor non-blocking)."""
+    seconds = min(seconds, MAX_TIMEOUT)  # a timeval holds no more; nobody waits longer
     tv = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
@@ -127,7 +129,7 @@ class Client:
                 _set_timeout(sock, timeouts.connect)  # a full backlog blocks connect()
                 sock.connect(address.socket_path)
             else:
-                sock = socket.create_connection((address.host, address.port), timeouts.connect or None)
+                sock = socket.create_connection((address.host, address.port), min(timeouts.connect, MAX_TIMEOUT) or None)
                 sock.settimeout(None)
                 # Headers and payloads go out in separate sends: skip Nagle.
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
