@@ -29,7 +29,11 @@ from test_server import (  # noqa: F401  (fixtures are used by name)
 def test_method(monkeypatch):
     """Make the wrapper daemon's Test.start visible to this process's
     client (methods come from the registry)."""
-    monkeypatch.setitem(registry.METHODS, "Test.start", ("__main__", "start_steps", TEST_START_SPEC, "operation"))
+    def start_steps(dbg, path, steps, delay, ignore_term):  # served by the wrapper daemon, never run here
+        raise AssertionError("Test.start runs in the daemon")
+
+    method = registry.Method("Test.start", params=TEST_START_SPEC, result="operation", impl=start_steps)
+    monkeypatch.setitem(registry.METHODS, "Test.start", method)
 
 
 def outcome(c, method, params):

@@ -46,7 +46,7 @@ def start_steps(dbg, path, steps, delay, ignore_term):
     args = {"path": path, "steps": int(steps), "delay": float(delay), "ignore_term": ignore_term == "1"}
     return "Test", worker.start(dbg, write_steps, args, kind="Test")
 
-registry.METHODS["Test.start"] = ("__main__", "start_steps", %(spec)r, "operation")
+registry.METHODS["Test.start"] = registry.Method("Test.start", params=%(spec)r, result="operation", impl=start_steps)
 sys.exit(server.main(sys.argv[1:]))
 '''
 TEST_START_SPEC = (("dbg", "str"), ("path", "str"), ("steps", "str"), ("delay", "str"), ("ignore_term", "str"))
@@ -327,7 +327,7 @@ def make_context(store, tmp_path, tag):
 def sample_params(method, ctx):
     """Well-formed params for any registered method, from its spec."""
     params = {}
-    for name, kind in registry.METHODS[method][2]:
+    for name, kind in registry.METHODS[method].params:
         if kind.endswith("?"):
             continue
         if kind == "task_id":

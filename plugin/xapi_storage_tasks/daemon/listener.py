@@ -18,12 +18,18 @@ supplementary groups); :func:`refusal` says why one may not talk to us.
 Every start-up failure is a :class:`StartupError` with a readable message.
 """
 
+from __future__ import annotations
+
 import errno
 import fcntl
 import os
 import socket
 import stat
 import struct
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Collection
 
 BACKLOG = 128
 
@@ -37,13 +43,13 @@ class StartupError(Exception):
 # -- peers ----------------------------------------------------------------------------
 
 
-def peer_credentials(sock):
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """``(pid, uid, gid)`` of the process that connected ``sock`` (struct
     ucred: a signed pid, unsigned ids)."""
     return struct.unpack("iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("iII")))
 
 
-def peer_groups(sock):
+def peer_groups(sock: socket.socket) -> tuple[int, ...]:
     """The peer's supplementary groups at connect time (empty where the
     kernel cannot say)."""
     count = 64
@@ -58,7 +64,7 @@ def peer_groups(sock):
         return struct.unpack("%dI" % (len(raw) // 4), raw)
 
 
-def refusal(conn, allowed_uids, gid):
+def refusal(conn: socket.socket, allowed_uids: Collection[int], gid: int | None) -> str | None:
     """Why the peer on ``conn`` may not talk to us, or None: the uids in
     ``allowed_uids`` may, and members of group ``gid`` (unless None).
     Raises OSError if the kernel cannot say who the peer is."""
@@ -73,7 +79,7 @@ def refusal(conn, allowed_uids, gid):
 # -- the socket's path ------------------------------------------------------------------
 
 
-def _check_parent(path):
+def _check_parent(path: str) -> None:
     parent = os.path.dirname(path) or "."
     if not os.path.isdir(parent):
         try:
@@ -89,14 +95,14 @@ def _check_parent(path):
         raise StartupError("%s is writable by group or others (mode %o): another user could replace the socket" % (parent, st.st_mode & 0o7777))
 
 
-def write_pid(fd):
+def write_pid(fd: int) -> None:
     """Make this process's pid the whole content of the file open at ``fd``
     (the lock file: read by a second daemon to say who holds the socket)."""
     os.ftruncate(fd, 0)
     os.pwrite(fd, b"%d\n" % os.getpid(), 0)
 
 
-def lock_pid_file(path, mode, busy):
+def lock_pid_file(path: str, mode: int, busy: Callable[[str], str]) -> int:
     """Open ``path``, take its flock without waiting and write our pid in
     it; return the descriptor (the lock lasts while it is open, and the
     kernel drops it however the process dies). If another process holds
@@ -120,14 +126,14 @@ def lock_pid_file(path, mode, busy):
     return fd
 
 
-def _take_lock(path):
+def _take_lock(path: str) -> int:
     """Hold ``PATH.lock`` for the daemon's life: exactly one daemon serves
     a socket path, even when two start at once."""
     return lock_pid_file(path + ".lock", 0o600,
                          lambda holder: "another daemon (pid %s) is serving %s; not taking it over" % (holder, path))
 
 
-def claim(path):
+def claim(path: str) -> int:
     """Make the socket path ``path`` (absolute) this daemon's: check its
     length and its directory, and take its lock file. Returns the lock
     file's descriptor, to hold for the daemon's life. Raises StartupError."""
@@ -137,7 +143,7 @@ def claim(path):
     return _take_lock(path)
 
 
-def remove_stale(path):
+def remove_stale(path: str) -> bool:
     """Remove a socket file nobody serves; refuse a live one or a path
     that is not a socket."""
     try:
@@ -171,7 +177,7 @@ def remove_stale(path):
         probe.close()
 
 
-def listen(path, gid=None):
+def listen(path: str, gid: int | None = None) -> tuple[socket.socket, tuple[int, int]]:
     """Bind and listen on ``path`` (claimed, no file there): mode 0600, or
     0660 and group ``gid``. Returns ``(socket, ident)``, the socket
     non-blocking and ``ident`` the ``(st_dev, st_ino)`` of the socket file
@@ -200,7 +206,7 @@ def listen(path, gid=None):
     return sock, ident
 
 
-def unlink_if_same(path, ident):
+def unlink_if_same(path: str, ident: tuple[int, int]) -> None:
     """Unlink ``path`` only if it is still the file we made."""
     try:
         st = os.lstat(path)

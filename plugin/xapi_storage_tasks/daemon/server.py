@@ -49,7 +49,7 @@ This module is the command line; the daemon is made of:
 
 - :mod:`xapi_storage_tasks.daemon.listener`: the listening socket's life (its directory, the
   lock file, stale and live sockets, permissions) and the peer checks;
-- :mod:`xapi_storage_tasks.daemon.serving`: the accept loop, admission, connection limits and
+- :mod:`xapi_storage_tasks.daemon.acceptor`: the accept loop, admission, connection limits and
   the clean stop;
 - :mod:`xapi_storage_tasks.daemon.rpc`: one connection's requests, and the JSON-RPC dispatch
   through :func:`xapi_storage_tasks.entry.call`;
@@ -58,23 +58,28 @@ This module is the command line; the daemon is made of:
 - :mod:`xapi_storage_tasks.wire.httpio`: the HTTP/1.1 framing, shared with the client.
 """
 
+from __future__ import annotations
+
 import argparse
 import grp
 import os
 import sys
 
-from xapi_storage_tasks.wire import httpio
-from xapi_storage_tasks import registry
-from xapi_storage_tasks import settings
-from xapi_storage_tasks.tasks import store
+from xapi_storage_tasks import registry, settings
+from xapi_storage_tasks.daemon.acceptor import DEFAULT_MAX_CONNECTIONS, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_TIMEOUT, Acceptor
 from xapi_storage_tasks.daemon.daemonize import PROG, Log, detach, prepare_for_forks, report_ready, sd_notify, take_notify_socket
-from xapi_storage_tasks.wire.errors import PluginError
 from xapi_storage_tasks.daemon.listener import StartupError
-from xapi_storage_tasks.daemon.serving import DEFAULT_MAX_CONNECTIONS, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_TIMEOUT, Daemon
+from xapi_storage_tasks.tasks.store import Store
+from xapi_storage_tasks.wire import httpio
+from xapi_storage_tasks.wire.errors import PluginError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
-def _positive(kind):
-    def parse(text):
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
         value = kind(text)
         if value <= 0:
             raise argparse.ArgumentTypeError("must be positive")
@@ -83,7 +88,7 @@ def _positive(kind):
     return parse
 
 
-def _parser():
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python3 -m xapi_storage_tasks.daemon.server",
         description="Serve the storage plugin's methods (%s) as JSON-RPC over HTTP/1.1 on a Unix socket."
@@ -104,14 +109,14 @@ def _parser():
     return parser
 
 
-def _group_id(name):
+def _group_id(name: str) -> int:
     try:
         return int(name) if name.isdigit() else grp.getgrnam(name).gr_gid
     except KeyError:
-        raise StartupError("no group named %r" % name)
+        raise StartupError("no group named %r" % name) from None
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     """Run the daemon; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
@@ -126,11 +131,11 @@ def main(argv=None):
     try:
         gid = _group_id(args.group) if args.group else None
         try:
-            with store.Store():
+            with Store():
                 pass  # a bad state directory fails now, not at the first call
         except PluginError as e:
-            raise StartupError(str(e))
-        server = Daemon(args.socket or httpio.default_socket(), gid, args.max_connections, args.timeout,
+            raise StartupError(str(e)) from None
+        server = Acceptor(args.socket or httpio.default_socket(), gid, args.max_connections, args.timeout,
                         args.shutdown_timeout, log)
         server.bind()
     except StartupError as e:
