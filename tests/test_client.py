@@ -356,3 +356,44 @@ def test_cli_without_a_daemon_uses_the_executables(store, state_dir):
     assert cli("ls").stdout == b"no tasks\n"
     unreachable = cli("--json", "ls", sock="/nonexistent/d.sock")
     assert unreachable.returncode == 1 and json.loads(unreachable.stdout)["params"][0] == "Daemon_unavailable"
+
+
+# ---------------------------------------------------------------------------
+# What importing the client costs
+
+
+def _modules_after(code):
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys, json\nprint(json.dumps(sorted(sys.modules)))"],
+                         capture_output=True, env=dict(os.environ, PYTHONPATH=SRC), check=True).stdout
+    return set(json.loads(out))
+
+
+def test_importing_the_client_loads_nothing_of_the_server_side():
+    loaded = _modules_after("import xapi_storage_tasks.client.connection, xapi_storage_tasks.client.cli")
+    ours = {m for m in loaded if m.startswith("xapi_storage_tasks")}
+    assert "xapi_storage_tasks.client.connection" in ours  # the probe sees what it imported
+    # The registry's interface modules (it refers to their functions) and
+    # the pure task values the codec knows (ids, states) are imported;
+    # nothing that reads or writes the store, runs workers or serves.
+    allowed = {"xapi_storage_tasks.tasks.api", "xapi_storage_tasks.data.api", "xapi_storage_tasks.tasks.ids",
+               "xapi_storage_tasks.tasks.state"}
+    server_side = {m for m in ours if m.startswith(("xapi_storage_tasks.tasks.", "xapi_storage_tasks.process",
+                                                    "xapi_storage_tasks.daemon", "xapi_storage_tasks.data.",
+                                                    "xapi_storage_tasks.nbd", "xapi_storage_tasks.entry"))}
+    assert server_side <= allowed, server_side - allowed
+    assert "xapi_storage_tasks.tasks.store" not in loaded
+
+
+def test_the_public_face_is_lazy_and_complete():
+    assert {m for m in _modules_after("import xapi_storage_tasks") if m.startswith("xapi_storage_tasks")} == {"xapi_storage_tasks"}
+    loaded = _modules_after("from xapi_storage_tasks import connect, TaskDoesNotExist")
+    assert "xapi_storage_tasks.tasks.store" not in loaded
+    import xapi_storage_tasks
+    from xapi_storage_tasks.tasks.state import Pending
+
+    for name in xapi_storage_tasks.__all__:
+        assert getattr(xapi_storage_tasks, name) is not None, name
+    assert xapi_storage_tasks.Pending is Pending
+    assert issubclass(xapi_storage_tasks.TaskDoesNotExist, LookupError)
+    with pytest.raises(AttributeError):
+        xapi_storage_tasks.Nothing_here
