@@ -52,7 +52,8 @@ def percentile(sorted_samples, q):
 
 def start_daemon(sock, env, timeout=20.0):
     """Start the daemon; return its Popen once it answers."""
-    proc = subprocess.Popen([sys.executable, "-m", "xapi_storage_tasks.daemon.server", "--socket", sock, "--max-connections", "256"],
+    proc = subprocess.Popen([sys.executable, "-m", "xapi_storage_tasks.daemon.server", "--socket", sock,
+                             "--max-connections", "256"],
                             env=env, cwd=harness.ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + timeout

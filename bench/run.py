@@ -21,7 +21,8 @@ def main():
     parser.add_argument("--repeat", type=int, default=15, help="runs per figure (default 15)")
     parser.add_argument("--tasks", type=int, default=100_000, help="largest store for Task.ls/stat scaling")
     parser.add_argument("--copy-gib", type=float, default=2.0, help="size of the sparse copy image in GiB (half data)")
-    parser.add_argument("--json", default=os.path.join(harness.ROOT, "bench", "results", "latest.json"), help="where to write the results")
+    parser.add_argument("--json", default=os.path.join(harness.ROOT, "bench", "results", "latest.json"),
+                        help="where to write the results")
     args = parser.parse_args()
     harness.compile_tree()
     rows = []

@@ -19,10 +19,16 @@ from xapi_storage_tasks.wire import errors
 from xapi_storage_tasks.wire import httpio
 from xapi_storage_tasks import registry
 from xapi_storage_tasks.tasks.state import CANCELLED, Completed, Pending
-from test_server import (  # noqa: F401  (fixtures are used by name)
-    TEST_START_SPEC, UNKNOWN_ID, Raw, daemon, daemons, make_context, needs_setpriv, no_stray_workers, normalize,
-    open_dir, rpc, sample_params, settle, start_task,
+import test_server
+from test_server import (
+    TEST_START_SPEC, UNKNOWN_ID, Raw, make_context, needs_setpriv, normalize, rpc, sample_params, settle, start_task,
 )
+
+# The daemon fixtures, shared with the daemon's tests (pytest finds them by name).
+daemon = test_server.daemon
+daemons = test_server.daemons
+no_stray_workers = test_server.no_stray_workers
+open_dir = test_server.open_dir
 
 
 @pytest.fixture
@@ -86,9 +92,9 @@ def test_call_forms_from_the_interface_document(daemon, store):
     with pytest.raises(TypeError):
         c.Task.stat("d", task.id, "extra")
     with pytest.raises(AttributeError):
-        c.Task.frobnicate
+        c.Task.frobnicate  # noqa: B018  (the attribute lookup is what raises)
     with pytest.raises(AttributeError):
-        c.Volume
+        c.Volume  # noqa: B018
     assert set(dir(c.Task)) == {"stat", "cancel", "destroy", "ls"}
     assert {"Task", "Data"} <= set(dir(c))
 
@@ -100,7 +106,8 @@ def test_errors_raise_the_plugin_error_classes_with_their_details(daemon, store,
     cases = [
         (lambda: c.Task.stat(dbg="d", id=UNKNOWN_ID), errors.TaskDoesNotExist, (UNKNOWN_ID,)),
         (lambda: c.Task.destroy(dbg="d", id=pending), errors.TaskInProgress, (pending,)),
-        (lambda: c.Task.stat(dbg="d", id="../etc"), errors.InvalidArguments, ("parameter 'id' is not a valid task id: '../etc'",)),
+        (lambda: c.Task.stat(dbg="d", id="../etc"), errors.InvalidArguments,
+         ("parameter 'id' is not a valid task id: '../etc'",)),
         (lambda: c.Task.stat(dbg="d"), errors.InvalidArguments, ("missing parameter 'id'",)),
         (lambda: c.Data.mirror(dbg="d", uri="file:///x", domain="0", remote="nbd://h/e"), errors.Unimplemented, ("Data.mirror",)),
     ]
@@ -277,14 +284,16 @@ def test_cli_ls_json_and_table(daemon, store):
     table = cli("ls", sock=daemon.sock).stdout.decode().splitlines()
     assert table[0].split() == ["ID", "STATE", "PROGRESS", "AGE", "DBG"]
     rows = [line.split() for line in table[1:]]
-    assert [r[:3] + r[4:] for r in rows] == [[pending.id, "Pending", "42%", "first-task"], [done.id, "Completed", "100%", "second-task"]]
+    assert [r[:3] + r[4:] for r in rows] == [[pending.id, "Pending", "42%", "first-task"],
+                                             [done.id, "Completed", "100%", "second-task"]]
     assert all(re.match(r"^\d+s$", r[3]) for r in rows)  # ages, in seconds
     assert cli("ls", "--json", sock=daemon.sock).stdout == out.stdout  # options after the command too
 
 
 def test_cli_watch_follows_a_task_to_completion(daemon, store):
     task = store.create("watched")
-    watcher = subprocess.Popen([sys.executable, "-m", "xapi_storage_tasks.client.cli", "--socket", daemon.sock, "--json", "watch", task.id,
+    watcher = subprocess.Popen([sys.executable, "-m", "xapi_storage_tasks.client.cli", "--socket", daemon.sock, "--json", "watch",
+                                task.id,
                                 "--interval", "0.05"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                env=dict(os.environ, PYTHONPATH=SRC), cwd="/")
     try:
@@ -304,7 +313,8 @@ def test_cli_watch_draws_a_progress_bar_on_a_terminal(daemon, store):
     task = store.create("tty")
     store.transition(task.id, lambda t: Pending(0.5))
     master, slave = pty.openpty()
-    watcher = subprocess.Popen([sys.executable, "-m", "xapi_storage_tasks.client.cli", "--socket", daemon.sock, "watch", task.id, "--interval", "0.05"],
+    watcher = subprocess.Popen([sys.executable, "-m", "xapi_storage_tasks.client.cli", "--socket", daemon.sock, "watch", task.id,
+                                "--interval", "0.05"],
                                stdout=slave, stderr=slave, env=dict(os.environ, PYTHONPATH=SRC), cwd="/")
     os.close(slave)
     seen = b""
@@ -385,7 +395,8 @@ def test_importing_the_client_loads_nothing_of_the_server_side():
 
 
 def test_the_public_face_is_lazy_and_complete():
-    assert {m for m in _modules_after("import xapi_storage_tasks") if m.startswith("xapi_storage_tasks")} == {"xapi_storage_tasks"}
+    ours = {m for m in _modules_after("import xapi_storage_tasks") if m.startswith("xapi_storage_tasks")}
+    assert ours == {"xapi_storage_tasks"}
     loaded = _modules_after("from xapi_storage_tasks import connect, TaskDoesNotExist")
     assert "xapi_storage_tasks.tasks.store" not in loaded
     import xapi_storage_tasks
@@ -396,4 +407,4 @@ def test_the_public_face_is_lazy_and_complete():
     assert xapi_storage_tasks.Pending is Pending
     assert issubclass(xapi_storage_tasks.TaskDoesNotExist, LookupError)
     with pytest.raises(AttributeError):
-        xapi_storage_tasks.Nothing_here
+        xapi_storage_tasks.Nothing_here  # noqa: B018

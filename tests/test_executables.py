@@ -184,3 +184,19 @@ def test_unsafe_state_directory_is_refused(tmp_path, monkeypatch):
     link.symlink_to(tmp_path)
     monkeypatch.setenv("TASK_STATE_DIR", str(link))
     assert run_bin("Task.ls", {"dbg": "d"}).error_name == "State_directory_invalid"
+
+
+@pytest.mark.parametrize("blocklist", [
+    {"blocksize": 2 ** 64, "ranges": [[0, 1]]},
+    {"blocksize": 512, "ranges": [[2 ** 64, 1]]},
+    {"blocksize": 512, "ranges": [[0, 2 ** 62]]},
+    {"blocksize": -(2 ** 64), "ranges": []},
+])
+def test_data_copy_refuses_integers_out_of_bounds_and_makes_no_task(state_dir, tmp_path, blocklist):
+    src = tmp_path / "src"
+    src.write_bytes(b"x" * 4096)
+    params = {"dbg": "d", "uri": str(src), "domain": "0", "remote": "file://%s" % (tmp_path / "dst"), "blocklist": blocklist}
+    res = run_bin("Data.copy", params)
+    assert res.error_name == "Invalid_arguments" and "blocklist" in res.json["params"][1]
+    assert run_bin("Task.ls", {"dbg": "d"}).json == []
+    assert not (tmp_path / "dst").exists()

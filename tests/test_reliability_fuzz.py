@@ -639,7 +639,7 @@ def test_fuzz_through_real_executables(state_dir, tmp_path):
         found = registry.lookup(name)
         canonical = found.name if found else name
         if kind == "bytes":
-            args, stdin, argv = ["--json"], data.draw(st.binary(max_size=120)), None
+            args, stdin = ["--json"], data.draw(st.binary(max_size=120))
         elif kind == "params":
             params = data.draw(params_for(canonical) if canonical in registry.METHODS else any_params)
             args, stdin = ["--json"], render(params, f.seeds).encode()

@@ -532,7 +532,8 @@ def test_malformed_http_is_refused_and_closed(shared, raw, status):
         (b'{"jsonrpc": "2.0", "method": 5, "params": [{}], "id": 1}', -32600, "Invalid_arguments"),
         (b'{"jsonrpc": "2.0", "method": "Task.ls", "params": [{}, {}], "id": 1}', -32600, "Invalid_arguments"),
         (b'{"jsonrpc": "2.0", "method": "Task.ls", "params": [7], "id": 1}', -32602, "Invalid_arguments"),
-        (b'{"jsonrpc": "2.0", "method": "Task.stat", "params": [{"dbg": "d", "id": "../../x"}], "id": 1}', -32602, "Invalid_arguments"),
+        (b'{"jsonrpc": "2.0", "method": "Task.stat", "params": [{"dbg": "d", "id": "../../x"}], "id": 1}', -32602,
+         "Invalid_arguments"),
         (b'{"jsonrpc": "2.0", "method": "Task.bogus", "params": [{"dbg": "d"}], "id": 1}', -32601, "Unimplemented"),
     ],
 )
@@ -794,7 +795,8 @@ def test_detach_writes_a_pidfile_and_cleans_up(tmp_path, state_dir):
 
 
 def start_task(sock, path, steps, delay, ignore_term=False):
-    params = {"dbg": "via-daemon", "path": str(path), "steps": str(steps), "delay": str(delay), "ignore_term": "1" if ignore_term else "0"}
+    params = {"dbg": "via-daemon", "path": str(path), "steps": str(steps), "delay": str(delay),
+              "ignore_term": "1" if ignore_term else "0"}
     status, _, body = Raw(sock).post(rpc("Test.start", params))
     result = json.loads(body)
     assert status == 200 and result["error"] is None, result
@@ -863,7 +865,8 @@ def test_many_forks_while_serving_do_not_deadlock(daemons, store, tmp_path, no_s
         except Exception as e:
             errors.append(e)
 
-    threads = [threading.Thread(target=starter, args=(n,)) for n in range(6)] + [threading.Thread(target=poller) for _ in range(3)]
+    threads = [threading.Thread(target=starter, args=(n,)) for n in range(6)]
+    threads += [threading.Thread(target=poller) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:

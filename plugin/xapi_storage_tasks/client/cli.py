@@ -76,9 +76,10 @@ def _records(c: Client, dbg: str) -> list[dict]:
         except TaskDoesNotExist:
             continue  # destroyed since the listing
         except PluginError as e:
-            if getattr(e, "record", None) is None:
+            record = getattr(e, "record", None)
+            if record is None:
                 raise
-            out.append({"id": task_id, "error": e.record})
+            out.append({"id": task_id, "error": record})
     return out
 
 
@@ -93,7 +94,8 @@ def _table(records: list[dict], now: float, width: int) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = []
     for row in rows:
-        line = "  ".join([row[0].ljust(widths[0]), row[1].ljust(widths[1]), row[2].rjust(widths[2]), row[3].rjust(widths[3]), row[4]])
+        line = "  ".join([row[0].ljust(widths[0]), row[1].ljust(widths[1]), row[2].rjust(widths[2]), row[3].rjust(widths[3]),
+                          row[4]])
         lines.append(line[:width] if width else line)
     return "\n".join(lines)
 
@@ -115,7 +117,8 @@ def cmd_ls(c: Client, args: argparse.Namespace, out: TextIO) -> int:
 
 def _bar(fraction: float, task_id: str, started: float) -> str:
     filled = int(round(BAR_WIDTH * fraction))
-    return "\r[%s%s] %4.0f%%  %s  %s" % ("#" * filled, "-" * (BAR_WIDTH - filled), 100 * fraction, task_id, age(time.monotonic() - started))
+    bar = "#" * filled + "-" * (BAR_WIDTH - filled)
+    return "\r[%s] %4.0f%%  %s  %s" % (bar, 100 * fraction, task_id, age(time.monotonic() - started))
 
 
 def cmd_watch(c: Client, args: argparse.Namespace, out: TextIO) -> int:
@@ -159,9 +162,11 @@ def _parser() -> argparse.ArgumentParser:
     # SUPPRESS: an option given before the command is not reset by the
     # command's own (absent) copy of it.
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON output for scripts")
-    common.add_argument("--socket", default=argparse.SUPPRESS, help="the daemon's socket (default: its default path, else the executables)")
+    common.add_argument("--socket", default=argparse.SUPPRESS,
+                        help="the daemon's socket (default: its default path, else the executables)")
     common.add_argument("--dbg", default=argparse.SUPPRESS, help="debug context sent with every call (default: %s)" % PROG)
-    parser = argparse.ArgumentParser(prog="python3 -m xapi_storage_tasks.client.cli", description=__doc__.split("\n\n")[0], parents=[common])
+    summary = (__doc__ or "").split("\n\n")[0]
+    parser = argparse.ArgumentParser(prog="python3 -m xapi_storage_tasks.client.cli", description=summary, parents=[common])
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     commands.add_parser("ls", parents=[common], help="list every task").set_defaults(run=cmd_ls)
@@ -169,7 +174,8 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument("id", help="task id")
     watch.add_argument("--interval", type=float, default=0.2, help="seconds between polls (default 0.2)")
     watch.set_defaults(run=cmd_watch)
-    for name, run, what in (("cancel", cmd_cancel, "request cancellation of a task"), ("destroy", cmd_destroy, "remove a finished task")):
+    for name, run, what in (("cancel", cmd_cancel, "request cancellation of a task"),
+                            ("destroy", cmd_destroy, "remove a finished task")):
         sub = commands.add_parser(name, parents=[common], help=what)
         sub.add_argument("id", help="task id")
         sub.set_defaults(run=run)

@@ -49,6 +49,10 @@ from xapi_storage_tasks.client.transports import (
 from xapi_storage_tasks.wire import httpio
 from xapi_storage_tasks.wire.errors import DaemonUnavailable
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 # -- the client object --------------------------------------------------------------------------------
 
 
@@ -62,7 +66,7 @@ class RemoteMethod:
         self.params = method.param_names
         self.__doc__ = "%s(%s)" % (self.name, ", ".join(self.params))
 
-    def __call__(self, *args: object, **kwargs: object) -> object:
+    def __call__(self, *args: object, **kwargs: object) -> Any:  # a JSON value
         if len(args) == 1 and isinstance(args[0], dict):
             params = dict(args[0])
         elif len(args) > len(self.params):
@@ -115,7 +119,7 @@ class Client:
     def __dir__(self) -> list[str]:
         return sorted(set(super().__dir__()) | set(self._interfaces))
 
-    def call(self, method: str, params: dict) -> object:
+    def call(self, method: str, params: dict) -> Any:  # a JSON value
         """Call a method by its full name with a params dict."""
         found = registry.lookup(method)
         if found is None:
@@ -147,11 +151,11 @@ def wait(client: Client, task_id: str, dbg: str = "wait", interval: float = 0.1,
     record. ``timeout`` (seconds) raises TimeoutError."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        record: dict = client.Task.stat(dbg=dbg, id=task_id)  # type: ignore[assignment]  # a task record
+        record = client.Task.stat(dbg=dbg, id=task_id)
         if record["state"][0] != "Pending":
             return record
         if deadline is not None and time.monotonic() >= deadline:
-            raise TimeoutError("task %s still Pending after %g s" % (task_id, timeout))
+            raise TimeoutError("task %s still Pending after %s s" % (task_id, timeout))
         time.sleep(interval)
 
 

@@ -74,7 +74,8 @@ def error_class(name: str) -> type[PluginError]:
         cls = _dynamic.get(name)
         if cls is None:
             # "xapi_storage_tasks.client.connection": where callers find error_class, and these classes
-            cls = _dynamic[name] = type(str(name), (PluginError,), {"name": name, "__module__": "xapi_storage_tasks.client.connection"})
+            namespace = {"name": name, "__module__": "xapi_storage_tasks.client.connection"}
+            cls = _dynamic[name] = type(str(name), (PluginError,), namespace)
         return cls
 
 

@@ -62,7 +62,7 @@ class Acceptor:
         self._conns: dict[socket.socket, str] = {}  # "idle" | "busy"
         self._stopping = False
         self._listener: socket.socket | None = None
-        self._sel: selectors.BaseSelector | None = None
+        self._sel: selectors.DefaultSelector | None = None
         self._lock_fd: int | None = None
         self._ident: tuple[int, int] | None = None
         self._lingering: dict[socket.socket, float] = {}  # refused socket -> deadline

@@ -87,12 +87,14 @@ def _check_parent(path: str) -> None:
         except FileExistsError:
             pass
         except OSError as e:
-            raise StartupError("cannot create %s: %s" % (parent, e.strerror))
+            raise StartupError("cannot create %s: %s" % (parent, e.strerror)) from None
     st = os.stat(parent)
     if st.st_uid not in (os.geteuid(), 0):
-        raise StartupError("%s is owned by uid %d: the socket must be in a directory of uid %d or root" % (parent, st.st_uid, os.geteuid()))
+        raise StartupError("%s is owned by uid %d: the socket must be in a directory of uid %d or root"
+                           % (parent, st.st_uid, os.geteuid()))
     if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-        raise StartupError("%s is writable by group or others (mode %o): another user could replace the socket" % (parent, st.st_mode & 0o7777))
+        raise StartupError("%s is writable by group or others (mode %o): another user could replace the socket"
+                           % (parent, st.st_mode & 0o7777))
 
 
 def write_pid(fd: int) -> None:
@@ -110,7 +112,7 @@ def lock_pid_file(path: str, mode: int, busy: Callable[[str], str]) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     except OSError as e:
-        raise StartupError("cannot open %s: %s" % (path, e.strerror))
+        raise StartupError("cannot open %s: %s" % (path, e.strerror)) from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise StartupError("%s is not a regular file" % path)
@@ -118,7 +120,7 @@ def lock_pid_file(path: str, mode: int, busy: Callable[[str], str]) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
-            raise StartupError(busy(holder))
+            raise StartupError(busy(holder)) from None
         write_pid(fd)
     except BaseException:
         os.close(fd)
@@ -162,14 +164,14 @@ def remove_stale(path: str) -> bool:
         except FileNotFoundError:
             pass
         except OSError as e:
-            raise StartupError("cannot replace the stale socket %s: %s" % (path, e.strerror))
+            raise StartupError("cannot replace the stale socket %s: %s" % (path, e.strerror)) from None
         return True
     except FileNotFoundError:
         return False
     except socket.timeout:
-        raise StartupError("a server holds %s but does not accept connections; not taking it over" % path)
+        raise StartupError("a server holds %s but does not accept connections; not taking it over" % path) from None
     except OSError as e:
-        raise StartupError("cannot check whether %s is in use: %s" % (path, e.strerror))
+        raise StartupError("cannot check whether %s is in use: %s" % (path, e.strerror)) from None
     else:
         pid = peer_credentials(probe)[0]
         raise StartupError("a live server (pid %d) is serving %s; not taking it over" % (pid, path))
@@ -188,7 +190,7 @@ def listen(path: str, gid: int | None = None) -> tuple[socket.socket, tuple[int,
         sock.bind(path)
     except OSError as e:
         sock.close()
-        raise StartupError("cannot bind %s: %s" % (path, e.strerror))
+        raise StartupError("cannot bind %s: %s" % (path, e.strerror)) from None
     finally:
         os.umask(old)
     st = os.lstat(path)
@@ -200,7 +202,7 @@ def listen(path: str, gid: int | None = None) -> tuple[socket.socket, tuple[int,
     except OSError as e:
         unlink_if_same(path, ident)
         sock.close()
-        raise StartupError("cannot give %s to group %d: %s" % (path, gid, e.strerror))
+        raise StartupError("cannot give %s to group %s: %s" % (path, gid, e.strerror)) from None
     sock.listen(BACKLOG)
     sock.setblocking(False)
     return sock, ident

@@ -157,7 +157,7 @@ def decode_blocklist(name: str, value: Json) -> tuple[int, list[tuple[int, int]]
     if not isinstance(value, dict):
         raise InvalidArguments("parameter %r must be an object" % name)
     blocksize, ranges = value.get("blocksize"), value.get("ranges")
-    if not _is_int(blocksize) or not 0 < blocksize <= MAX_BLOCKSIZE:
+    if not (isinstance(blocksize, int) and not isinstance(blocksize, bool) and 0 < blocksize <= MAX_BLOCKSIZE):
         raise InvalidArguments("%s.blocksize must be an integer from 1 to %d" % (name, MAX_BLOCKSIZE))
     if not isinstance(ranges, list):
         raise InvalidArguments("%s.ranges must be a list" % name)

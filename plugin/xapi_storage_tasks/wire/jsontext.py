@@ -58,14 +58,14 @@ _encode: Callable[[object, int], list[str]] | None
 try:
     import _json
 
-    _scan = _json.make_scanner(_Options())
-    _encode = _json.make_encoder(  # type: ignore[attr-defined]
+    _scan = _json.make_scanner(_Options())  # type: ignore[arg-type]  # any object with the decoder's attributes
+    _encode = _json.make_encoder(
         {}, _unencodable, _json.encode_basestring_ascii, None, ": ", ", ", False, False, False
     )
 except (ImportError, AttributeError, TypeError):  # not CPython: the json module does it
     import json
 
-    _scan = json.JSONDecoder(parse_float=_finite_float, parse_constant=_reject_constant).raw_decode  # type: ignore[assignment]
+    _scan = json.JSONDecoder(parse_float=_finite_float, parse_constant=_reject_constant).raw_decode
     _encode = None
 
 
