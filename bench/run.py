@@ -24,7 +24,7 @@ def main():
     parser.add_argument("--json", default=os.path.join(harness.ROOT, "bench", "results", "latest.json"),
                         help="where to write the results")
     args = parser.parse_args()
-    harness.compile_tree()
+    harness.compile_tree([harness.host_python()])
     rows = []
     for name in args.suites:
         module = __import__(name)
@@ -34,7 +34,8 @@ def main():
         rows.extend(got)
     harness.print_table(rows)
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    harness.write_json(rows, args.json, {"python": sys.version.split()[0], "machine": platform.machine(),
+    harness.write_json(rows, args.json, {"python": sys.version.split()[0], "host_python": harness.host_python(),
+                                         "machine": platform.machine(),
                                          "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     print("results written to %s" % os.path.relpath(args.json))
 

@@ -262,7 +262,7 @@ def test_installs_into_a_scratch_root_and_verifies(scratch_root, listing):
     for path in listing:
         assert os.path.lexists(scratch_root + path), path
     with open(scratch_root + PLUGIN_DIR + "/dispatch") as f:
-        assert f.readline() == "#!/usr/bin/python3\n"
+        assert f.readline() == "#!/usr/bin/python3 -I -S\n"
     check(["rpm", "--root", scratch_root, "-V", "--nodeps", "--noscripts", NAME])
 
 

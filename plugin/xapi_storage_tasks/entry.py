@@ -14,7 +14,8 @@ calling modes:
 The toolstack calls these back to back, one process each, so this module
 and everything a call imports stay light: no :mod:`json` (the codec's
 :mod:`~xapi_storage_tasks.wire.jsontext` does it), no :mod:`argparse`
-(positional mode only), no logging set-up.
+(positional mode only), no error formatting until something fails, no
+logging set-up.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import os
 import sys
 
 from xapi_storage_tasks import registry, settings
-from xapi_storage_tasks.wire import boundary, codec
+from xapi_storage_tasks.wire import codec
 from xapi_storage_tasks.wire.errors import InvalidArguments, Unimplemented
 
 MAX_INPUT = settings.MAX_INPUT
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit:
         raise  # argparse's --help
     except BaseException as exc:  # the one boundary: nothing escapes as a traceback
+        from xapi_storage_tasks.wire import boundary  # only failures pay for it
+
         if envelope is not None:
             _emit(boundary.error_response(exc, envelope.get("id"), envelope.get("jsonrpc") == "2.0"))
         else:
@@ -132,6 +135,7 @@ def _log_traceback(name: str, exc: BaseException) -> None:
     try:
         from xapi_storage_tasks.tasks import log
         from xapi_storage_tasks.tasks.store import Store
+        from xapi_storage_tasks.wire import boundary
 
         with Store() as store:
             log.store_event(store, boundary.unexpected_text(name, exc))

@@ -25,11 +25,10 @@ if TYPE_CHECKING:
 def copy(dbg: str, uri: str, domain: str, remote: str, blocklist: tuple[int, list[tuple[int, int]]] | None) -> tuple[str, str]:
     """Start copying ``uri`` (or the ranges of ``blocklist``) to ``remote``;
     returns ``("CopyV1", task id)`` at once."""
-    from xapi_storage_tasks.data import copy as engine
+    from xapi_storage_tasks.data.copy import plan, run
     from xapi_storage_tasks.tasks import worker
 
-    args = engine.plan(uri, remote, blocklist)
-    return "CopyV1", worker.start(dbg, engine.run, args, kind="CopyV1")
+    return "CopyV1", worker.start(dbg, run, plan(uri, remote, blocklist), kind="CopyV1")
 
 
 def mirror(dbg: str, uri: str, domain: str, remote: str) -> tuple[str, str]:
