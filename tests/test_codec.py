@@ -95,9 +95,12 @@ def test_envelopes():
     assert v2["error"]["code"] == -32602 and v2["error"]["data"] == record
 
 
-def test_dumps_fast_path_equals_the_general_encoder():
+def test_dumps_fast_path_equals_the_general_encoder(monkeypatch):
     many = [ids.new_id() for _ in range(200)]
     assert codec.dumps(many) == json.dumps(many)
+    with monkeypatch.context() as m:  # a list of plain ids takes the fast path: no general encoder
+        m.setattr(codec.jsontext, "dumps", None)
+        assert codec.dumps(many) == json.dumps(many)
     odd = many + ['quo"te', "back\\slash", "tab\t", "é"]
     assert json.loads(codec.dumps(odd)) == odd
     assert codec.dumps([]) == "[]" and codec.dumps(None) == "null"

@@ -324,9 +324,11 @@ def dumps(value: Json) -> str:
     which is several times cheaper than the general encoder."""
     if type(value) is list and len(value) > 64:
         try:
-            body = '","'.join(value).encode("ascii")
+            body = '", "'.join(value).encode("ascii")
         except (TypeError, UnicodeEncodeError):
             body = None
-        if body is not None and len(body.translate(None, _UNSAFE)) == len(body):
+        # The separators hold exactly two quotes each: any other byte
+        # deleted was in an item and needs escaping.
+        if body is not None and len(body) - len(body.translate(None, _UNSAFE)) == 2 * (len(value) - 1):
             return '["%s"]' % body.decode("ascii")
     return jsontext.dumps(value)
