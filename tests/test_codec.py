@@ -199,6 +199,7 @@ def test_jsontext_reads_and_writes_as_json_does(text):
     assert jsontext.loads(text) == json.loads(text)
     value = json.loads(text)
     assert jsontext.dumps(value) == json.dumps(value)
+    assert jsontext.dumps(value, compact=True) == json.dumps(value, separators=(",", ":"))
 
 
 @pytest.mark.parametrize("text", ["", " ", "NaN", "-Infinity", "1e999", "[1,]", '{"a": 1} x', "\ufeff1", "[", "01", "'x'",

@@ -54,19 +54,19 @@ class _Options:
 
 
 _scan: Callable[[str, int], tuple[object, int]]
-_encode: Callable[[object, int], list[str]] | None
+_encoders: dict[bool, Callable[[object, int], list[str]]] = {}
 try:
     import _json
 
     _scan = _json.make_scanner(_Options())  # type: ignore[arg-type]  # any object with the decoder's attributes
-    _encode = _json.make_encoder(
-        {}, _unencodable, _json.encode_basestring_ascii, None, ": ", ", ", False, False, False
-    )
+    for _compact, (_colon, _comma) in ((False, (": ", ", ")), (True, (":", ","))):
+        _encoders[_compact] = _json.make_encoder(
+            None, _unencodable, _json.encode_basestring_ascii, None, _colon, _comma, False, False, False
+        )
 except (ImportError, AttributeError, TypeError):  # not CPython: the json module does it
     import json
 
     _scan = json.JSONDecoder(parse_float=_finite_float, parse_constant=_reject_constant).raw_decode
-    _encode = None
 
 
 def loads(text: str) -> object:
@@ -87,10 +87,14 @@ def loads(text: str) -> object:
     return value
 
 
-def dumps(value: object) -> str:
-    """The JSON text of ``value`` (ASCII; no NaN or Infinity: ValueError)."""
-    if _encode is None:
+def dumps(value: object, compact: bool = False) -> str:
+    """The JSON text of ``value``: ASCII, ``", "`` and ``": "`` between
+    items (``","`` and ``":"`` when ``compact``). NaN and infinities raise
+    ValueError, anything that is not a JSON value TypeError, a value that
+    contains itself RecursionError."""
+    encode = _encoders.get(compact)
+    if encode is None:
         import json
 
-        return json.dumps(value, allow_nan=False)
-    return "".join(_encode(value, 0))
+        return json.dumps(value, allow_nan=False, separators=(",", ":") if compact else None)
+    return "".join(encode(value, 0))
