@@ -40,7 +40,7 @@ idle connections, lets requests in progress finish (at most
 ``--shutdown-timeout`` seconds; a second signal stops waiting) and exits 0.
 
 Workers started through the daemon (``Data.copy``) are forked by
-:func:`xapi_storage_tasks.tasks.worker.spawn` from a thread of this process; see
+:mod:`xapi_storage_tasks.process.spawn` from a thread of this process; see
 :func:`xapi_storage_tasks.daemon.daemonize.prepare_for_forks` for what makes that safe. They
 are detached exactly as when an executable starts them, so stopping or
 restarting the daemon neither kills nor orphans a task.
