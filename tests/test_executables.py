@@ -218,9 +218,11 @@ def test_executables_run_with_the_installed_interpreter_flags(store):
     assert isolated.stdout == run_bin("Task.stat", params).stdout
 
 
-def test_a_successful_call_loads_no_error_formatting_nor_argument_parser(store, tmp_path):
+def test_a_successful_call_loads_no_error_formatting_argument_parser_or_typing(store, tmp_path):
     """The per-call path stays light: the error boundary and traceback are
-    imported by failures only, argparse by positional calls only. (The
+    imported by failures only, argparse by positional calls only, and
+    typing never at run time (annotations are for the type checker:
+    ``import typing`` alone costs most of a bare interpreter start). (The
     store still imports json; see the README's performance section.)"""
     done = store.create("light")
     store.transition(done.id, lambda t: Completed(1))
@@ -235,4 +237,4 @@ def test_a_successful_call_loads_no_error_formatting_nor_argument_parser(store, 
     assert res.returncode == 0 and json.loads(res.stdout) == [done.id]
     loaded = set(res.stderr.decode().split())
     assert {"xapi_storage_tasks.entry", "xapi_storage_tasks.tasks.store"} <= loaded  # the probe sees the call's imports
-    assert not loaded & {"argparse", "traceback", "xapi_storage_tasks.wire.boundary"}
+    assert not loaded & {"argparse", "traceback", "typing", "xapi_storage_tasks.wire.boundary"}
