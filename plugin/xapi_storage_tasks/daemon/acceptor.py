@@ -66,9 +66,14 @@ class Acceptor:
         self._lock_fd: int | None = None
         self._ident: tuple[int, int] | None = None
         self._lingering: dict[socket.socket, float] = {}  # refused socket -> deadline
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._wake_r, self._wake_w = self._wake_pipe()
+
+    @staticmethod
+    def _wake_pipe() -> tuple[int, int]:
+        read, write = os.pipe()
+        os.set_blocking(read, False)
+        os.set_blocking(write, False)
+        return read, write
 
     # -- start and stop --------------------------------------------------------
 
@@ -78,9 +83,30 @@ class Acceptor:
         if listener.remove_stale(self.path):
             self.log("replaced the stale socket %s" % self.path)
         self._listener, self._ident = listener.listen(self.path, self.gid)
+        self._new_loop()
+
+    def _new_loop(self) -> None:
+        assert self._listener is not None
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._listener, selectors.EVENT_READ, self._accept)
         self._sel.register(self._wake_r, selectors.EVENT_READ, self._woken)
+
+    def after_fork(self) -> None:
+        """In a forked serving process: a selector and a wake-up pipe of
+        its own (the inherited ones are shared with the other processes),
+        the same listening socket."""
+        assert self._sel is not None, "bind() first"
+        self._sel.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+        self._wake_r, self._wake_w = self._wake_pipe()
+        self._new_loop()
+
+    def close_lock(self) -> None:
+        """Give up the socket path's lock (a supervisor that never served)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def record_pid(self) -> None:
         """Write this process's pid into the socket's lock file (read by a
