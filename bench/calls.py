@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 
-from harness import SRC, bench_env, executable, host_python, row, same_interpreter, time_command
+from harness import HOST_FLAGS, SRC, bench_env, executable, host_python, row, same_interpreter, time_command
 
 sys.path.insert(0, SRC)
 
@@ -78,7 +78,7 @@ def run(args):
 
         def small_store(python, label):
             base = time_command([python, "-c", "pass"], env=env, repeat=n)
-            bare = "%s -c pass" % label
+            bare = "%s python3 -c pass" % label
             for name, method, stdin in (("Task.stat (finished task)", "Task.stat", stat_in),
                                         ("Data.stat (finished copy)", "Data.stat", data_stat_in),
                                         ("Task.ls, 2 tasks", "Task.ls", ls_in)):
@@ -86,9 +86,12 @@ def run(args):
                                 baseline=base, baseline_name=bare, goal=SMALL))
             return base
 
-        base = small_store(host, os.path.basename(host))
+        print("# calls: executables run as %s %s; %s" % (host, " ".join(HOST_FLAGS), "the same as this bench's python3"
+              if same_interpreter(host, here) else "also as this bench's python3, %s, a different program" % here),
+              file=sys.stderr)
+        base = small_store(host, "host")
         if not same_interpreter(host, here):
-            small_store(here, "python3 on PATH")
+            small_store(here, "bench's")
 
         starter = host if _has_worker_deps(host) else here
         src, dst = os.path.join(tmp, "src.img"), os.path.join(tmp, "dst.img")
@@ -99,7 +102,8 @@ def run(args):
         copy_base = base if starter == host else time_command([starter, "-c", "pass"], env=env, repeat=n)
         rows.append(row("Data.copy returns (task + worker started)",
                         time_command(executable("Data.copy", starter), copy_in, env, n),
-                        baseline=copy_base, baseline_name="%s -c pass" % os.path.basename(starter), goal="<= 2x"))
+                        baseline=copy_base, baseline_name="%s python3 -c pass" % ("host" if starter == host else "bench's"),
+                        goal="<= 2x"))
 
         with Store(state) as store:
             have = len(store.ids())
@@ -107,7 +111,7 @@ def run(args):
             populate(state, count - have)
             have = count
             base = time_command([host, "-c", "pass"], env=env, repeat=n)
-            bare = "%s -c pass" % os.path.basename(host)
+            bare = "host python3 -c pass"
             rows.append(row("Task.ls, %d tasks" % count, time_command(executable("Task.ls", host), ls_in, env, n),
                             baseline=base, baseline_name=bare, goal="<= 2x" if count >= 100_000 else None))
             rows.append(row("Task.stat, %d tasks" % count, time_command(executable("Task.stat", host), stat_in, env, n),
