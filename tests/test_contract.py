@@ -36,7 +36,7 @@ def test_setup_cfg_scripts_match_the_registry():
 def test_each_record_names_its_own_method_and_a_function_taking_its_params(name):
     method = registry.METHODS[name]
     assert method.name == name
-    assert re.fullmatch(r"[A-Z][A-Za-z]*\.[a-z][A-Za-z_]*", name)
+    assert re.fullmatch(r"[A-Z][A-Za-z]*\.[A-Za-z][A-Za-z_]*", name)  # Interface.method (Plugin.Query too)
     assert inspect.isfunction(method.impl)
     # The function's parameters are the record's, in order: the decoded
     # params are passed by keyword, positional CLI arguments in this order.
