@@ -95,7 +95,9 @@ class Interface:
         key = self._methods.get(attr) if not attr.startswith("_") else None
         if key is None:
             raise AttributeError("%s has no method %r (registered: %s)" % (self._name, attr, ", ".join(sorted(self._methods))))
-        return RemoteMethod(self._transport, registry.METHODS[key])
+        method = RemoteMethod(self._transport, registry.METHODS[key])
+        setattr(self, attr, method)  # made once: the next lookup is a plain attribute
+        return method
 
     def __dir__(self) -> list[str]:
         return sorted(self._methods)
@@ -114,7 +116,9 @@ class Client:
     def __getattr__(self, attr: str) -> Interface:
         if attr.startswith("_") or attr not in self._interfaces:
             raise AttributeError("no interface %r (registered: %s)" % (attr, ", ".join(self._interfaces)))
-        return Interface(self.transport, attr)
+        interface = Interface(self.transport, attr)
+        setattr(self, attr, interface)  # made once: the next lookup is a plain attribute
+        return interface
 
     def __dir__(self) -> list[str]:
         return sorted(set(super().__dir__()) | set(self._interfaces))
