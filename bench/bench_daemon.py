@@ -3,7 +3,8 @@
 
 Side by side, in one run, on one store holding one Pending task:
 
-- the daemon (``python3 -m xapi_storage_tasks.daemon.server``), called through
+- the daemon (``python3 -m xapi_storage_tasks.daemon.server --processes N``,
+  one serving process per CPU unless ``--processes`` says), called through
   :mod:`xapi_storage_tasks.client.connection` by 1 and by 16 concurrent client processes, each
   holding one keep-alive connection and calling in a closed loop for
   ``--duration`` seconds: requests per second, p50 and p99 latency;
@@ -50,9 +51,10 @@ def percentile(sorted_samples, q):
     return sorted_samples[rank]
 
 
-def start_daemon(sock, env, timeout=20.0):
+def start_daemon(sock, env, processes=1, timeout=20.0):
     """Start the daemon; return its Popen once it answers."""
-    proc = subprocess.Popen([sys.executable, "-m", "xapi_storage_tasks.daemon.server", "--socket", sock, "--max-connections", "256"],
+    proc = subprocess.Popen([sys.executable, "-m", "xapi_storage_tasks.daemon.server", "--socket", sock,
+                             "--max-connections", "256", "--processes", str(processes)],
                             env=env, cwd=harness.ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + timeout
@@ -70,10 +72,24 @@ def start_daemon(sock, env, timeout=20.0):
 
 
 def cpu_seconds(pid):
-    """User + system CPU seconds used so far by process ``pid``."""
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds used so far by process ``pid`` and its
+    serving processes (its children that are still running; workers are
+    detached, so not among them)."""
+    pids = [pid]
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+            pids += [int(p) for p in f.read().split()]
+    except OSError:
+        pass
+    total = 0
+    for one in pids:
+        try:
+            with open("/proc/%d/stat" % one) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _client_loop(sock, task_id, barrier, duration, warmup, out):
@@ -155,7 +171,7 @@ def measure_exec(task_id, env, calls):
     }
 
 
-def measure(duration=3.0, clients=(1, 16), exec_calls=40, warmup=0.3):
+def measure(duration=3.0, clients=(1, 16), exec_calls=40, warmup=0.3, processes=None):
     """Everything, in one run. Returns the result dict."""
     harness.compile_tree()  # no measured call pays for compiling
     with tempfile.TemporaryDirectory(prefix="bench-daemon-") as tmp:
@@ -165,7 +181,8 @@ def measure(duration=3.0, clients=(1, 16), exec_calls=40, warmup=0.3):
         with Store(state) as store:
             task_id = store.create("bench").id
         sock = os.path.join(tmp, "d.sock")
-        daemon = start_daemon(sock, env)
+        processes = processes or os.cpu_count() or 1
+        daemon = start_daemon(sock, env, processes)
         try:
             runs = [measure_daemon(sock, task_id, n, duration, warmup, daemon.pid) for n in clients]
         finally:
@@ -183,7 +200,7 @@ def measure(duration=3.0, clients=(1, 16), exec_calls=40, warmup=0.3):
                                                     "value": most["p99_ms"], "met": most["p99_ms"] < GOAL_P99_MS},
     }
     return {
-        "meta": {"python": sys.version.split()[0], "cpus": os.cpu_count(), "duration_s": duration,
+        "meta": {"python": sys.version.split()[0], "cpus": os.cpu_count(), "processes": processes, "duration_s": duration,
                  "exec_calls": exec_calls, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         "runs": runs,
         "ratio_to_exec": ratios,
@@ -231,10 +248,11 @@ def main(argv=None):
     parser.add_argument("--clients", default="1,16", help="comma-separated client counts (default 1,16)")
     parser.add_argument("--exec-calls", type=int, default=40, help="executable runs for the baseline (default 40)")
     parser.add_argument("--warmup", type=float, default=0.3, help="seconds each client calls before measuring (default 0.3)")
+    parser.add_argument("--processes", type=int, help="the daemon's --processes (default: one per CPU)")
     parser.add_argument("--json-out", help="write the numbers as JSON here")
     args = parser.parse_args(argv)
     clients = tuple(int(n) for n in args.clients.split(",") if n.strip())
-    result = measure(args.duration, clients, args.exec_calls, args.warmup)
+    result = measure(args.duration, clients, args.exec_calls, args.warmup, args.processes)
     print_report(result)
     if args.json_out:
         with open(args.json_out, "w") as f:

@@ -28,9 +28,34 @@ def bench_env(**extra):
     return env
 
 
-def compile_tree():
-    """Write .pyc files once so no measured call pays for compiling."""
-    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(ROOT, "plugin")], check=True, env=bench_env())
+# The installed executables' interpreter line (packaging/xapi-storage-tasks.spec).
+HOST_PYTHON = "/usr/bin/python3"
+HOST_FLAGS = ("-I", "-S")
+
+
+def host_python():
+    """The interpreter a host runs the executables with: the
+    distribution's, when there is one; else this one."""
+    return HOST_PYTHON if os.access(HOST_PYTHON, os.X_OK) else sys.executable
+
+
+def same_interpreter(a, b):
+    """Whether two interpreter paths are the same program (a version
+    manager's shim on PATH is not)."""
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def executable(method, python):
+    """The argv that runs ``bin/<method>`` as an installed host runs it:
+    ``python`` with the interpreter line's flags."""
+    return [python, *HOST_FLAGS, os.path.join(BIN, method)]
+
+
+def compile_tree(pythons=()):
+    """Write .pyc files once, for every interpreter measured, so no
+    measured call pays for compiling."""
+    for python in {sys.executable, *pythons}:
+        subprocess.run([python, "-m", "compileall", "-q", os.path.join(ROOT, "plugin")], check=True, env=bench_env())
 
 
 def time_command(argv, stdin=b"", env=None, repeat=20):
@@ -71,13 +96,13 @@ def row(name, samples, unit="ms", scale=1e3, baseline=None, baseline_name=None, 
 
 def print_table(rows, out=sys.stdout):
     """The human table."""
-    head = "%-46s %12s %8s %22s %8s  %s" % ("figure", "median", "spread", "baseline", "ratio", "goal")
+    head = "%-50s %12s %8s %36s %8s  %s" % ("figure", "median", "spread", "baseline", "ratio", "goal")
     print(head, file=out)
     print("-" * len(head), file=out)
     for r in rows:
         base = "-" if r["baseline"] is None else "%.2f %s %s" % (r["baseline"], r["unit"], r["baseline_name"] or "")
         ratio = "-" if r["ratio"] is None else "%.2fx" % r["ratio"]
-        print("%-46s %9.2f %-2s %7.0f%% %22s %8s  %s" % (
+        print("%-50s %9.2f %-2s %7.0f%% %36s %8s  %s" % (
             r["name"], r["value"], r["unit"], 100 * r["spread"], base, ratio, r["goal"] or ""), file=out)
 
 

@@ -21,9 +21,10 @@ def main():
     parser.add_argument("--repeat", type=int, default=15, help="runs per figure (default 15)")
     parser.add_argument("--tasks", type=int, default=100_000, help="largest store for Task.ls/stat scaling")
     parser.add_argument("--copy-gib", type=float, default=2.0, help="size of the sparse copy image in GiB (half data)")
-    parser.add_argument("--json", default=os.path.join(harness.ROOT, "bench", "results", "latest.json"), help="where to write the results")
+    parser.add_argument("--json", default=os.path.join(harness.ROOT, "bench", "results", "latest.json"),
+                        help="where to write the results")
     args = parser.parse_args()
-    harness.compile_tree()
+    harness.compile_tree([harness.host_python()])
     rows = []
     for name in args.suites:
         module = __import__(name)
@@ -33,7 +34,8 @@ def main():
         rows.extend(got)
     harness.print_table(rows)
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    harness.write_json(rows, args.json, {"python": sys.version.split()[0], "machine": platform.machine(),
+    harness.write_json(rows, args.json, {"python": sys.version.split()[0], "host_python": harness.host_python(),
+                                         "machine": platform.machine(),
                                          "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     print("results written to %s" % os.path.relpath(args.json))
 

@@ -19,17 +19,27 @@ from xapi_storage_tasks.wire import errors
 from xapi_storage_tasks.wire import httpio
 from xapi_storage_tasks import registry
 from xapi_storage_tasks.tasks.state import CANCELLED, Completed, Pending
-from test_server import (  # noqa: F401  (fixtures are used by name)
-    TEST_START_SPEC, UNKNOWN_ID, Raw, daemon, daemons, make_context, needs_setpriv, no_stray_workers, normalize,
-    open_dir, rpc, sample_params, settle, start_task,
+import test_server
+from test_server import (
+    TEST_START_SPEC, UNKNOWN_ID, Raw, make_context, needs_setpriv, normalize, rpc, sample_params, settle, start_task,
 )
+
+# The daemon fixtures, shared with the daemon's tests (pytest finds them by name).
+daemon = test_server.daemon
+daemons = test_server.daemons
+no_stray_workers = test_server.no_stray_workers
+open_dir = test_server.open_dir
 
 
 @pytest.fixture
 def test_method(monkeypatch):
     """Make the wrapper daemon's Test.start visible to this process's
     client (methods come from the registry)."""
-    monkeypatch.setitem(registry.METHODS, "Test.start", ("__main__", "start_steps", TEST_START_SPEC, "operation"))
+    def start_steps(dbg, path, steps, delay, ignore_term):  # served by the wrapper daemon, never run here
+        raise AssertionError("Test.start runs in the daemon")
+
+    method = registry.Method("Test.start", params=TEST_START_SPEC, result="operation", impl=start_steps)
+    monkeypatch.setitem(registry.METHODS, "Test.start", method)
 
 
 def outcome(c, method, params):
@@ -82,9 +92,9 @@ def test_call_forms_from_the_interface_document(daemon, store):
     with pytest.raises(TypeError):
         c.Task.stat("d", task.id, "extra")
     with pytest.raises(AttributeError):
-        c.Task.frobnicate
+        c.Task.frobnicate  # noqa: B018  (the attribute lookup is what raises)
     with pytest.raises(AttributeError):
-        c.Volume
+        c.Volume  # noqa: B018
     assert set(dir(c.Task)) == {"stat", "cancel", "destroy", "ls"}
     assert {"Task", "Data"} <= set(dir(c))
 
@@ -96,7 +106,8 @@ def test_errors_raise_the_plugin_error_classes_with_their_details(daemon, store,
     cases = [
         (lambda: c.Task.stat(dbg="d", id=UNKNOWN_ID), errors.TaskDoesNotExist, (UNKNOWN_ID,)),
         (lambda: c.Task.destroy(dbg="d", id=pending), errors.TaskInProgress, (pending,)),
-        (lambda: c.Task.stat(dbg="d", id="../etc"), errors.InvalidArguments, ("parameter 'id' is not a valid task id: '../etc'",)),
+        (lambda: c.Task.stat(dbg="d", id="../etc"), errors.InvalidArguments,
+         ("parameter 'id' is not a valid task id: '../etc'",)),
         (lambda: c.Task.stat(dbg="d"), errors.InvalidArguments, ("missing parameter 'id'",)),
         (lambda: c.Data.mirror(dbg="d", uri="file:///x", domain="0", remote="nbd://h/e"), errors.Unimplemented, ("Data.mirror",)),
     ]
@@ -273,14 +284,16 @@ def test_cli_ls_json_and_table(daemon, store):
     table = cli("ls", sock=daemon.sock).stdout.decode().splitlines()
     assert table[0].split() == ["ID", "STATE", "PROGRESS", "AGE", "DBG"]
     rows = [line.split() for line in table[1:]]
-    assert [r[:3] + r[4:] for r in rows] == [[pending.id, "Pending", "42%", "first-task"], [done.id, "Completed", "100%", "second-task"]]
+    assert [r[:3] + r[4:] for r in rows] == [[pending.id, "Pending", "42%", "first-task"],
+                                             [done.id, "Completed", "100%", "second-task"]]
     assert all(re.match(r"^\d+s$", r[3]) for r in rows)  # ages, in seconds
     assert cli("ls", "--json", sock=daemon.sock).stdout == out.stdout  # options after the command too
 
 
 def test_cli_watch_follows_a_task_to_completion(daemon, store):
     task = store.create("watched")
-    watcher = subprocess.Popen([sys.executable, "-m", "xapi_storage_tasks.client.cli", "--socket", daemon.sock, "--json", "watch", task.id,
+    watcher = subprocess.Popen([sys.executable, "-m", "xapi_storage_tasks.client.cli", "--socket", daemon.sock, "--json", "watch",
+                                task.id,
                                 "--interval", "0.05"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                env=dict(os.environ, PYTHONPATH=SRC), cwd="/")
     try:
@@ -300,7 +313,8 @@ def test_cli_watch_draws_a_progress_bar_on_a_terminal(daemon, store):
     task = store.create("tty")
     store.transition(task.id, lambda t: Pending(0.5))
     master, slave = pty.openpty()
-    watcher = subprocess.Popen([sys.executable, "-m", "xapi_storage_tasks.client.cli", "--socket", daemon.sock, "watch", task.id, "--interval", "0.05"],
+    watcher = subprocess.Popen([sys.executable, "-m", "xapi_storage_tasks.client.cli", "--socket", daemon.sock, "watch", task.id,
+                                "--interval", "0.05"],
                                stdout=slave, stderr=slave, env=dict(os.environ, PYTHONPATH=SRC), cwd="/")
     os.close(slave)
     seen = b""
@@ -352,3 +366,45 @@ def test_cli_without_a_daemon_uses_the_executables(store, state_dir):
     assert cli("ls").stdout == b"no tasks\n"
     unreachable = cli("--json", "ls", sock="/nonexistent/d.sock")
     assert unreachable.returncode == 1 and json.loads(unreachable.stdout)["params"][0] == "Daemon_unavailable"
+
+
+# ---------------------------------------------------------------------------
+# What importing the client costs
+
+
+def _modules_after(code):
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys, json\nprint(json.dumps(sorted(sys.modules)))"],
+                         capture_output=True, env=dict(os.environ, PYTHONPATH=SRC), check=True).stdout
+    return set(json.loads(out))
+
+
+def test_importing_the_client_loads_nothing_of_the_server_side():
+    loaded = _modules_after("import xapi_storage_tasks.client.connection, xapi_storage_tasks.client.cli")
+    ours = {m for m in loaded if m.startswith("xapi_storage_tasks")}
+    assert "xapi_storage_tasks.client.connection" in ours  # the probe sees what it imported
+    # The registry's interface modules (it refers to their functions) and
+    # the pure task values the codec knows (ids, states) are imported;
+    # nothing that reads or writes the store, runs workers or serves.
+    allowed = {"xapi_storage_tasks.tasks.api", "xapi_storage_tasks.data.api", "xapi_storage_tasks.tasks.ids",
+               "xapi_storage_tasks.tasks.state"}
+    server_side = {m for m in ours if m.startswith(("xapi_storage_tasks.tasks.", "xapi_storage_tasks.process",
+                                                    "xapi_storage_tasks.daemon", "xapi_storage_tasks.data.",
+                                                    "xapi_storage_tasks.nbd", "xapi_storage_tasks.entry"))}
+    assert server_side <= allowed, server_side - allowed
+    assert "xapi_storage_tasks.tasks.store" not in loaded
+
+
+def test_the_public_face_is_lazy_and_complete():
+    ours = {m for m in _modules_after("import xapi_storage_tasks") if m.startswith("xapi_storage_tasks")}
+    assert ours == {"xapi_storage_tasks"}
+    loaded = _modules_after("from xapi_storage_tasks import connect, TaskDoesNotExist")
+    assert "xapi_storage_tasks.tasks.store" not in loaded
+    import xapi_storage_tasks
+    from xapi_storage_tasks.tasks.state import Pending
+
+    for name in xapi_storage_tasks.__all__:
+        assert getattr(xapi_storage_tasks, name) is not None, name
+    assert xapi_storage_tasks.Pending is Pending
+    assert issubclass(xapi_storage_tasks.TaskDoesNotExist, LookupError)
+    with pytest.raises(AttributeError):
+        xapi_storage_tasks.Nothing_here  # noqa: B018

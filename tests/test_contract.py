@@ -1,11 +1,19 @@
-"""Everything that lists methods agrees with xapi_storage_tasks.registry."""
+"""Everything that lists methods agrees with xapi_storage_tasks.registry,
+and every record of the registry is true to the function it names."""
 
+import ast
 import configparser
+import inspect
 import os
+import re
 
-from conftest import BIN, ROOT
+import pytest
+
+from conftest import BIN, ROOT, run_bin
 from xapi_storage_tasks import registry
-from xapi_storage_tasks import entry as runner
+from xapi_storage_tasks.wire import codec
+
+METHODS = sorted(registry.METHODS)
 
 
 def test_bin_has_exactly_one_link_per_registered_method():
@@ -24,16 +32,201 @@ def test_setup_cfg_scripts_match_the_registry():
     assert sorted(scripts) == sorted("bin/" + m for m in registry.METHODS)
 
 
-def test_every_registered_method_resolves_to_a_function():
-    for name, (module, function, spec, kind) in registry.METHODS.items():
-        impl = getattr(__import__(module, fromlist=[function]), function)
-        assert callable(impl), name
-        assert [p for p, _ in spec] == list(impl.__code__.co_varnames[: len(spec)]), name
-        assert registry.lookup(name.upper())[0] == name
-        assert kind in ("task", "unit", "id_list", "operation", "operation_list", "status")
-    assert runner.registry is registry
+@pytest.mark.parametrize("name", METHODS)
+def test_each_record_names_its_own_method_and_a_function_taking_its_params(name):
+    method = registry.METHODS[name]
+    assert method.name == name
+    assert re.fullmatch(r"[A-Z][A-Za-z]*\.[A-Za-z][A-Za-z_]*", name)  # Interface.method (Plugin.Query too)
+    assert inspect.isfunction(method.impl)
+    # The function's parameters are the record's, in order: the decoded
+    # params are passed by keyword, positional CLI arguments in this order.
+    assert list(inspect.signature(method.impl).parameters) == list(method.param_names)
+    assert method.result in codec.RESULT_KINDS
+    for _, kind in method.params:
+        assert kind.rstrip("?") in codec.DECODERS
+    assert isinstance(method.idempotent, bool)
 
 
-def test_idempotent_methods_are_registered():
-    assert registry.IDEMPOTENT <= set(registry.METHODS)
-    assert "Data.copy" not in registry.IDEMPOTENT and "Task.destroy" not in registry.IDEMPOTENT
+@pytest.mark.parametrize("name", METHODS)
+def test_lookup_is_case_insensitive_and_canonical(name):
+    assert registry.lookup(name) is registry.METHODS[name]
+    assert registry.lookup(name.upper()) is registry.METHODS[name]
+    assert registry.lookup(name.swapcase()).name == name
+    assert registry.lookup(name + "x") is None
+
+
+def test_no_two_methods_differ_only_by_case():
+    folded = [name.lower() for name in registry.METHODS]
+    assert len(folded) == len(set(folded))
+    with pytest.raises(ValueError):
+        registry._table(registry.METHODS["Task.ls"], registry.Method("task.LS", params=registry.DBG, result="id_list",
+                                                                     impl=registry.METHODS["Task.ls"].impl))
+
+
+def test_only_methods_safe_to_run_twice_are_idempotent():
+    idempotent = {name for name, m in registry.METHODS.items() if m.idempotent}
+    # A resent Data.copy or Data.mirror would start a second operation; a
+    # resent destroy would fail with Task_does_not_exist.
+    assert idempotent == {"Task.stat", "Task.ls", "Task.cancel", "Data.stat", "Data.ls", "Data.cancel"}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_the_executable_serves_the_registered_params(name, state_dir):
+    """Leaving out any required parameter is refused by the executable
+    with a message naming it: the executable decodes by this record."""
+    method = registry.METHODS[name]
+    required = [p for p, kind in method.params if not kind.endswith("?")]
+    res = run_bin(name, {})
+    assert res.error_name in ("Invalid_arguments", "Unimplemented")
+    if res.error_name == "Invalid_arguments":
+        assert "missing parameter %r" % required[0] in res.json["params"][1]
+
+
+# ---------------------------------------------------------------------------
+# The package's import graph, read statically from the source
+
+
+PACKAGE = "xapi_storage_tasks"
+PACKAGE_DIR = os.path.join(ROOT, "plugin", PACKAGE)
+
+# Lower layers never import higher ones. A module's layer is that of the
+# longest prefix listed; imports inside one layer are free (but acyclic).
+LAYERS = [
+    ("xapi_storage_tasks.settings", 0),
+    ("xapi_storage_tasks.wire.errors", 0),
+    ("xapi_storage_tasks.wire.jsontext", 0),
+    ("xapi_storage_tasks.tasks.ids", 1),
+    ("xapi_storage_tasks.tasks.state", 1),
+    ("xapi_storage_tasks.process", 1),
+    ("xapi_storage_tasks.wire", 2),  # codec, boundary, httpio
+    ("xapi_storage_tasks.tasks", 3),  # record, log, store, lifecycle, worker
+    ("xapi_storage_tasks.nbd", 3),
+    ("xapi_storage_tasks.data", 4),
+    ("xapi_storage_tasks.datapath", 4),
+    ("xapi_storage_tasks.tasks.api", 4),
+    ("xapi_storage_tasks.registry", 5),
+    ("xapi_storage_tasks.entry", 6),
+    ("xapi_storage_tasks.client", 7),
+    ("xapi_storage_tasks.daemon", 7),
+    ("xapi_storage_tasks", 8),  # the public face (lazy)
+]
+
+
+def layer(module):
+    best = max((p for p, _ in LAYERS if module == p or module.startswith(p + ".")), key=len)
+    return dict(LAYERS)[best]
+
+
+def package_modules():
+    out = {}
+    for dirpath, _, files in os.walk(PACKAGE_DIR):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(dirpath, f)
+                rel = os.path.relpath(path, os.path.dirname(PACKAGE_DIR))[:-3].replace(os.sep, ".")
+                out[rel[: -len(".__init__")] if rel.endswith(".__init__") else rel] = path
+    return out
+
+
+def _runtime_nodes(tree):
+    """Every node except those under ``if TYPE_CHECKING:`` (never run)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and getattr(child.test, "id", getattr(child.test, "attr", None)) == "TYPE_CHECKING":
+                todo.extend(child.orelse)
+                continue
+            todo.append(child)
+
+
+def import_graph():
+    """module -> {(imported package module, at module level?)}."""
+    modules = package_modules()
+    graph = {}
+    for module, path in modules.items():
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        top = {id(n) for n in tree.body} | {id(n) for s in tree.body if isinstance(s, ast.Try) for n in s.body}
+        edges = set()
+        for node in _runtime_nodes(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module + "." + a.name if node.module + "." + a.name in modules else node.module for a in node.names]
+            for name in names:
+                if name.split(".")[0] == PACKAGE and name in modules and name != module:
+                    edges.add((name, id(node) in top))
+        graph[module] = edges
+    return graph
+
+
+def _cycle(graph):
+    """One import cycle as a list of modules, or None."""
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == "open":
+                return stack[stack.index(n):] + [n]
+            if n not in state:
+                found = visit(n)
+                if found:
+                    return found
+        stack.pop()
+        state[m] = "done"
+        return None
+
+    for m in sorted(graph):
+        if m not in state:
+            found = visit(m)
+            if found:
+                return found
+    return None
+
+
+def test_the_graph_reader_sees_imports_and_finds_cycles():
+    graph = import_graph()
+    assert ("xapi_storage_tasks.registry", True) in graph["xapi_storage_tasks.entry"]
+    assert ("xapi_storage_tasks.tasks.store", False) in graph["xapi_storage_tasks.tasks.api"]  # inside a function
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+# The one cycle of the tree this branch started from (the cancel path's
+# lifecycle -> worker.spawn_escalator); the task core's own branch removes
+# it. Delete this allowance when that lands: the test below fails once the
+# edge is gone, so it cannot outlive its reason.
+KNOWN_CYCLE_EDGE = ("xapi_storage_tasks.tasks.lifecycle", "xapi_storage_tasks.tasks.worker")
+
+
+def test_the_package_has_no_import_cycle():
+    """Not at import time, and not through the imports functions make
+    when called either: every dependency points one way."""
+    graph = {m: {n for n, _ in edges} for m, edges in import_graph().items()}
+    if KNOWN_CYCLE_EDGE is not None:
+        assert KNOWN_CYCLE_EDGE[1] in graph[KNOWN_CYCLE_EDGE[0]], "the known cycle is gone: delete KNOWN_CYCLE_EDGE"
+        graph[KNOWN_CYCLE_EDGE[0]].discard(KNOWN_CYCLE_EDGE[1])
+    assert _cycle(graph) is None
+
+
+def test_lower_layers_never_import_higher_ones():
+    # (Importing the package itself is free: every import of a module does it.)
+    climbing = sorted((m, n) for m, edges in import_graph().items() for n, _ in edges
+                      if layer(n) > layer(m) and n != PACKAGE)
+    assert climbing == []
+
+
+def test_the_interface_modules_the_registry_names_import_nothing_heavy_at_import_time():
+    """The registry refers to their functions directly, so every
+    executable imports them: at module level they may import only the
+    error tree (each call imports what it needs)."""
+    graph = import_graph()
+    modules = {m.impl.__module__ for m in registry.METHODS.values()}
+    for module in modules:
+        at_import = {n for n, top in graph[module] if top}
+        assert at_import <= {"xapi_storage_tasks.wire.errors"}, (module, at_import)

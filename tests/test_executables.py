@@ -2,10 +2,12 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from conftest import run_bin
+from conftest import BIN, SRC, run_bin
 from xapi_storage_tasks.tasks.state import Completed, Failed
 
 
@@ -184,3 +186,55 @@ def test_unsafe_state_directory_is_refused(tmp_path, monkeypatch):
     link.symlink_to(tmp_path)
     monkeypatch.setenv("TASK_STATE_DIR", str(link))
     assert run_bin("Task.ls", {"dbg": "d"}).error_name == "State_directory_invalid"
+
+
+@pytest.mark.parametrize("blocklist", [
+    {"blocksize": 2 ** 64, "ranges": [[0, 1]]},
+    {"blocksize": 512, "ranges": [[2 ** 64, 1]]},
+    {"blocksize": 512, "ranges": [[0, 2 ** 62]]},
+    {"blocksize": -(2 ** 64), "ranges": []},
+])
+def test_data_copy_refuses_integers_out_of_bounds_and_makes_no_task(state_dir, tmp_path, blocklist):
+    src = tmp_path / "src"
+    src.write_bytes(b"x" * 4096)
+    params = {"dbg": "d", "uri": str(src), "domain": "0", "remote": "file://%s" % (tmp_path / "dst"), "blocklist": blocklist}
+    res = run_bin("Data.copy", params)
+    assert res.error_name == "Invalid_arguments" and "blocklist" in res.json["params"][1]
+    assert run_bin("Task.ls", {"dbg": "d"}).json == []
+    assert not (tmp_path / "dst").exists()
+
+
+def test_executables_run_with_the_installed_interpreter_flags(store):
+    """The installed interpreter line is ``python3 -I -S``: no PYTHON*
+    variable, user site or site start-up. The checkout's executables work
+    so too, and the JSON is the same as without the flags."""
+    done = store.create("flags")
+    store.transition(done.id, lambda t: Completed(1))
+    params = json.dumps({"dbg": "d", "id": done.id}).encode()
+    env = dict(os.environ, PYTHONPATH="/nonexistent", PYTHONSTARTUP="/nonexistent")
+    isolated = subprocess.run([sys.executable, "-I", "-S", os.path.join(BIN, "Task.stat"), "--json"], input=params,
+                              capture_output=True, env=env, timeout=30)
+    assert isolated.returncode == 0, isolated.stderr
+    assert isolated.stdout == run_bin("Task.stat", params).stdout
+
+
+def test_a_successful_call_loads_no_error_formatting_argument_parser_or_typing(store, tmp_path):
+    """The per-call path stays light: the error boundary and traceback are
+    imported by failures only, argparse by positional calls only, and
+    typing never at run time (annotations are for the type checker:
+    ``import typing`` alone costs most of a bare interpreter start). (The
+    store still imports json; see the README's performance section.)"""
+    done = store.create("light")
+    store.transition(done.id, lambda t: Completed(1))
+    probe = tmp_path / "probe.py"
+    probe.write_text("import sys\n"
+                     "sys.path.insert(0, %r)\n"
+                     "from xapi_storage_tasks.entry import main\n"
+                     "status = main([%r, '--json'])\n"
+                     "sys.stderr.write(' '.join(sorted(sys.modules)))\n"
+                     "sys.exit(status)\n" % (SRC, os.path.join(BIN, "Task.ls")))
+    res = subprocess.run([sys.executable, "-I", "-S", str(probe)], input=b'{"dbg": "d"}', capture_output=True, timeout=30)
+    assert res.returncode == 0 and json.loads(res.stdout) == [done.id]
+    loaded = set(res.stderr.decode().split())
+    assert {"xapi_storage_tasks.entry", "xapi_storage_tasks.tasks.store"} <= loaded  # the probe sees the call's imports
+    assert not loaded & {"argparse", "traceback", "typing", "xapi_storage_tasks.wire.boundary"}

@@ -140,7 +140,8 @@ def source_modules():
     """The package's modules, relative to the source root ``plugin/`` (as
     they land in site-packages)."""
     src = os.path.join(ROOT, "plugin")
-    return sorted(os.path.relpath(p, src) for p in glob.glob(os.path.join(src, "xapi_storage_tasks", "**", "*.py"), recursive=True))
+    pattern = os.path.join(src, "xapi_storage_tasks", "**", "*.py")
+    return sorted(os.path.relpath(p, src) for p in glob.glob(pattern, recursive=True))
 
 
 # ---------------------------------------------------------------------------
@@ -152,7 +153,8 @@ def test_builds_a_source_rpm_and_a_noarch_rpm_of_the_tree_version(rpms):
     release = "%s-%s-1" % (NAME, xapi_storage_tasks.__version__)
     assert os.path.basename(rpms["src"]) == release + ".src.rpm"
     assert os.path.basename(rpms["noarch"]) == release + ".noarch.rpm"
-    assert check(["rpm", "-qp", "--qf", "%{NAME} %{VERSION} %{ARCH}", rpms["noarch"]]) == "%s %s noarch" % (NAME, xapi_storage_tasks.__version__)
+    expected = "%s %s noarch" % (NAME, xapi_storage_tasks.__version__)
+    assert check(["rpm", "-qp", "--qf", "%{NAME} %{VERSION} %{ARCH}", rpms["noarch"]]) == expected
 
 
 @needs_rpm
@@ -219,7 +221,8 @@ def test_every_packaged_file_is_expected(listing, sitelib):
     for module in modules:
         head, base = os.path.split(sitelib + "/" + module)
         stem = base[: -len(".py")]
-        found = {re.sub(r"\.cpython-\d+", "", os.path.basename(p)) for p in caches if p.startswith(head + "/__pycache__/" + stem + ".cpython-")}
+        prefix = head + "/__pycache__/" + stem + ".cpython-"
+        found = {re.sub(r"\.cpython-\d+", "", os.path.basename(p)) for p in caches if p.startswith(prefix)}
         assert found == {stem + ".pyc", stem + ".opt-1.pyc", stem + ".opt-2.pyc"}, module
 
 
@@ -256,10 +259,10 @@ def test_tmpfiles_snippet_creates_the_default_state_dir_of_root(monkeypatch):
 
 @needs_rpm
 def test_installs_into_a_scratch_root_and_verifies(scratch_root, listing):
-    for path, (perms, target) in listing.items():
+    for path in listing:
         assert os.path.lexists(scratch_root + path), path
     with open(scratch_root + PLUGIN_DIR + "/dispatch") as f:
-        assert f.readline() == "#!/usr/bin/python3\n"
+        assert f.readline() == "#!/usr/bin/python3 -I -S\n"
     check(["rpm", "--root", scratch_root, "-V", "--nodeps", "--noscripts", NAME])
 
 
@@ -287,7 +290,8 @@ def test_installed_task_stat_of_a_bad_id_is_an_error_record(scratch_root, siteli
     assert isinstance(trace["error"], str)
     assert len(trace["files"]) == len(trace["lines"]) and all(isinstance(n, int) for n in trace["lines"])
     # The code that ran is the installed one, not this checkout's.
-    assert trace["files"] and all(f.startswith(scratch_root + sitelib + "/xapi_storage_tasks/") for f in trace["files"]), trace["files"]
+    package = scratch_root + sitelib + "/xapi_storage_tasks/"
+    assert trace["files"] and all(f.startswith(package) for f in trace["files"]), trace["files"]
 
 
 @needs_rpm

@@ -40,7 +40,7 @@ from xapi_storage_tasks.wire import codec
 from xapi_storage_tasks.tasks import ids
 from xapi_storage_tasks.tasks import lifecycle
 from xapi_storage_tasks import registry
-from xapi_storage_tasks import entry as runner
+from xapi_storage_tasks import entry
 from xapi_storage_tasks.tasks.state import Completed, Failed
 from xapi_storage_tasks.tasks.store import Store
 
@@ -165,7 +165,7 @@ def value_for(kind):
 
 
 def params_for(method):
-    spec = registry.METHODS[method][2]
+    spec = registry.METHODS[method].params
     fields = {name: value_for(kind) for name, kind in spec}
     extra = st.dictionaries(st.text(max_size=6), json_values, max_size=2)
     full = st.fixed_dictionaries(fields)
@@ -211,7 +211,7 @@ def argv_bytes():
 
 
 def run_inprocess(name, args, stdin):
-    """``runner.main`` with in-memory stdio; returns (status, stdout, stderr).
+    """``entry.main`` with in-memory stdio; returns (status, stdout, stderr).
     ``status`` is ("exit", code) if it raised SystemExit (--help)."""
     saved = sys.stdin, sys.stdout, sys.stderr
     out, err = io.BytesIO(), io.BytesIO()
@@ -223,7 +223,7 @@ def run_inprocess(name, args, stdin):
     sys.stdin, sys.stdout, sys.stderr = streams
     try:
         try:
-            status = runner.main([os.path.join(BIN, name), *args])
+            status = entry.main([os.path.join(BIN, name), *args])
         except SystemExit as e:
             status = ("exit", e.code)
         for stream in streams[1:]:
@@ -268,21 +268,20 @@ def reaches_copy(name, args, stdin):
     """The decoded params if the call would get as far as Data.copy's
     implementation (which plans and may start a real copy), else None."""
     found = registry.lookup(os.path.basename(name))
-    if found is None or found[0] != "Data.copy":
+    if found is None or found.name != "Data.copy":
         return None
-    spec = found[1][2]
     try:
         if args == ["--json"]:
-            params = runner.parse_json(stdin)
+            params = entry.parse_json(stdin)
         elif not args:
-            params = runner.parse_json(stdin)
+            params = entry.parse_json(stdin)
             if codec.is_envelope(params):
                 method, params, _, _ = codec.decode_request(params)
                 if method.lower() != "data.copy":
                     return None
         else:
-            params = runner._positional("Data.copy", spec, args)
-        return codec.decode_params(spec, params)
+            params = entry._positional(found, args)
+        return codec.decode_params(found.params, params)
     except BaseException:
         return None
 
@@ -314,7 +313,7 @@ def _record_ok(rec):
 
 
 def _result_ok(method, value):
-    kind = registry.METHODS[method][3]
+    kind = registry.METHODS[method].result
     if kind == "task":
         return (isinstance(value, dict) and set(value) == {"id", "debug_info", "ctime", "state"}
                 and ids.is_valid(value["id"]) and type(value["ctime"]) is float
@@ -383,7 +382,7 @@ class Fuzzer:
     def check(self, name, args, stdin, status, stdout, stderr, example):
         self.counts["calls"] += 1
         canonical = registry.lookup(os.path.basename(name))
-        canonical = canonical[0] if canonical else None
+        canonical = canonical.name if canonical else None
         if isinstance(status, tuple):  # argparse --help
             if status[1] == 0 and any(a.startswith("-") for a in args):
                 self.counts["help"] += 1
@@ -406,7 +405,7 @@ class Fuzzer:
         deep = nesting(stdin) >= 500  # whether that parses depends on the stack depth left
         if not args and not deep:
             try:
-                request = runner.parse_json(stdin)
+                request = entry.parse_json(stdin)
             except Exception:
                 request = None
         envelope = codec.is_envelope(request)
@@ -563,7 +562,7 @@ def test_fuzz_positional_argv(fuzzer):
     @_settings(N)
     @given(name=st.sampled_from(METHODS), data=st.data())
     def inner(name, data):
-        spec = registry.METHODS[name][2]
+        spec = registry.METHODS[name].params
         args = [data.draw(st.one_of(argv_bytes().map(os.fsdecode), value_for(kind).map(as_arg))) for _, kind in spec]
         n = data.draw(st.one_of(st.just(len(args)), st.integers(0, len(args) + 1)))
         args = args[:n] if n <= len(args) else args + [os.fsdecode(data.draw(argv_bytes()))]
@@ -637,9 +636,10 @@ def test_fuzz_through_real_executables(state_dir, tmp_path):
     @_settings(n)
     @given(name=st.sampled_from(METHODS + ["Task.frobnicate", "data.STAT"]), kind=kinds, data=st.data())
     def inner(name, kind, data):
-        canonical = (registry.lookup(name) or (name,))[0]
+        found = registry.lookup(name)
+        canonical = found.name if found else name
         if kind == "bytes":
-            args, stdin, argv = ["--json"], data.draw(st.binary(max_size=120)), None
+            args, stdin = ["--json"], data.draw(st.binary(max_size=120))
         elif kind == "params":
             params = data.draw(params_for(canonical) if canonical in registry.METHODS else any_params)
             args, stdin = ["--json"], render(params, f.seeds).encode()

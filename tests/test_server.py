@@ -46,7 +46,7 @@ def start_steps(dbg, path, steps, delay, ignore_term):
     args = {"path": path, "steps": int(steps), "delay": float(delay), "ignore_term": ignore_term == "1"}
     return "Test", worker.start(dbg, write_steps, args, kind="Test")
 
-registry.METHODS["Test.start"] = ("__main__", "start_steps", %(spec)r, "operation")
+registry.METHODS["Test.start"] = registry.Method("Test.start", params=%(spec)r, result="operation", impl=start_steps)
 sys.exit(server.main(sys.argv[1:]))
 '''
 TEST_START_SPEC = (("dbg", "str"), ("path", "str"), ("steps", "str"), ("delay", "str"), ("ignore_term", "str"))
@@ -327,7 +327,7 @@ def make_context(store, tmp_path, tag):
 def sample_params(method, ctx):
     """Well-formed params for any registered method, from its spec."""
     params = {}
-    for name, kind in registry.METHODS[method][2]:
+    for name, kind in registry.METHODS[method].params:
         if kind.endswith("?"):
             continue
         if kind == "task_id":
@@ -532,7 +532,8 @@ def test_malformed_http_is_refused_and_closed(shared, raw, status):
         (b'{"jsonrpc": "2.0", "method": 5, "params": [{}], "id": 1}', -32600, "Invalid_arguments"),
         (b'{"jsonrpc": "2.0", "method": "Task.ls", "params": [{}, {}], "id": 1}', -32600, "Invalid_arguments"),
         (b'{"jsonrpc": "2.0", "method": "Task.ls", "params": [7], "id": 1}', -32602, "Invalid_arguments"),
-        (b'{"jsonrpc": "2.0", "method": "Task.stat", "params": [{"dbg": "d", "id": "../../x"}], "id": 1}', -32602, "Invalid_arguments"),
+        (b'{"jsonrpc": "2.0", "method": "Task.stat", "params": [{"dbg": "d", "id": "../../x"}], "id": 1}', -32602,
+         "Invalid_arguments"),
         (b'{"jsonrpc": "2.0", "method": "Task.bogus", "params": [{"dbg": "d"}], "id": 1}', -32601, "Unimplemented"),
     ],
 )
@@ -704,6 +705,62 @@ def test_shutdown_waits_only_so_long_for_a_stuck_request(daemons):
     assert not os.path.lexists(d.sock)
 
 
+def serving_processes(pid):
+    with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+        return sorted(int(p) for p in f.read().split())
+
+
+def running(pid):
+    """Whether ``pid`` runs (a zombie nobody reaps yet does not)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_several_serving_processes_share_the_socket_and_stop_together(daemons, store):
+    task = store.create("t")
+    d = daemons("--processes", "3")
+    children = serving_processes(d.pid)
+    assert len(children) == 3
+
+    def sockets(pid):
+        return sum(1 for target in open_fds(pid).values() if target.startswith("socket:"))
+
+    before = {pid: sockets(pid) for pid in [d.pid, *children]}
+    conns = [Raw(d.sock) for _ in range(24)]
+    for i, conn in enumerate(conns):  # all answered, kept open
+        status, _, answer = conn.post(rpc("Task.stat", {"dbg": "d", "id": task.id}, i))
+        assert status == 200 and json.loads(answer)["result"]["id"] == task.id and json.loads(answer)["id"] == i
+    # The serving processes hold every accepted connection; the
+    # supervisor accepts none.
+    assert sockets(d.pid) <= before[d.pid]  # (its sd_notify socket may have been open before)
+    assert sum(sockets(pid) - before[pid] for pid in children) == len(conns)
+    for conn in conns:
+        conn.sock.close()
+    assert d.stop() == 0
+    assert not os.path.lexists(d.sock)
+    assert not any(running(child) for child in children)
+    assert "stopped" in d.log()
+
+
+def test_a_serving_process_that_dies_is_replaced_and_none_outlives_the_supervisor(daemons, store):
+    d = daemons("--processes", "2")
+    first, second = serving_processes(d.pid)
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: len(serving_processes(d.pid)) == 2 and first not in serving_processes(d.pid), 10,
+             what="a replacement serving process")
+    assert "serving process %d ended (signal 9); starting another" % first in d.log()
+    assert Raw(d.sock).post(rpc("Task.ls", {"dbg": "d"}))[0] == 200
+    children = serving_processes(d.pid)
+    d.stop(signal.SIGKILL)  # the supervisor dies: its serving processes stop (and remove the socket)
+    wait_for(lambda: not any(running(c) for c in children), 15, what="the serving processes to stop")
+    assert not os.path.lexists(d.sock)
+    again = daemons()
+    assert Raw(again.sock).post(rpc("Task.ls", {"dbg": "d"}))[0] == 200
+
+
 def test_a_stale_socket_of_a_crashed_daemon_is_replaced(daemons, store):
     first = daemons()
     first.stop(signal.SIGKILL)
@@ -794,7 +851,8 @@ def test_detach_writes_a_pidfile_and_cleans_up(tmp_path, state_dir):
 
 
 def start_task(sock, path, steps, delay, ignore_term=False):
-    params = {"dbg": "via-daemon", "path": str(path), "steps": str(steps), "delay": str(delay), "ignore_term": "1" if ignore_term else "0"}
+    params = {"dbg": "via-daemon", "path": str(path), "steps": str(steps), "delay": str(delay),
+              "ignore_term": "1" if ignore_term else "0"}
     status, _, body = Raw(sock).post(rpc("Test.start", params))
     result = json.loads(body)
     assert status == 200 and result["error"] is None, result
@@ -863,7 +921,8 @@ def test_many_forks_while_serving_do_not_deadlock(daemons, store, tmp_path, no_s
         except Exception as e:
             errors.append(e)
 
-    threads = [threading.Thread(target=starter, args=(n,)) for n in range(6)] + [threading.Thread(target=poller) for _ in range(3)]
+    threads = [threading.Thread(target=starter, args=(n,)) for n in range(6)]
+    threads += [threading.Thread(target=poller) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:

@@ -17,21 +17,29 @@ Exit status: 0 on success (for ``watch``: the task Completed), 1 on an
 error or a Failed task, 130 when interrupted.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import shutil
 import sys
 import time
 
-from xapi_storage_tasks.client import connection as client_module
-from xapi_storage_tasks.wire import codec
+from xapi_storage_tasks.client import connection
+from xapi_storage_tasks.wire import boundary
 from xapi_storage_tasks.wire.errors import PluginError, TaskDoesNotExist
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import TextIO
+
+    from xapi_storage_tasks.client.connection import Client
 
 PROG = "xapi-storage-tasks"
 BAR_WIDTH = 30
 
 
-def age(seconds):
+def age(seconds: float) -> str:
     """A short human age: ``42s``, ``5m``, ``3h``, ``2d``."""
     seconds = max(0, int(seconds))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -40,7 +48,7 @@ def age(seconds):
     return "%ds" % seconds
 
 
-def describe(state):
+def describe(state: list) -> str:
     """``["Failed", "Cancelled"]`` -> ``Failed: Cancelled`` and so on."""
     kind, value = state
     if kind == "Pending":
@@ -50,7 +58,7 @@ def describe(state):
     return "Failed: %s" % value
 
 
-def progress_text(state):
+def progress_text(state: list) -> str:
     """The PROGRESS column."""
     kind, value = state
     if kind == "Pending":
@@ -58,7 +66,7 @@ def progress_text(state):
     return "100%" if kind == "Completed" else "-"
 
 
-def _records(c, dbg):
+def _records(c: Client, dbg: str) -> list[dict]:
     """Every task's record, oldest first; unreadable tasks as
     ``{"id", "error"}``."""
     out = []
@@ -68,13 +76,14 @@ def _records(c, dbg):
         except TaskDoesNotExist:
             continue  # destroyed since the listing
         except PluginError as e:
-            if getattr(e, "record", None) is None:
+            record = getattr(e, "record", None)
+            if record is None:
                 raise
-            out.append({"id": task_id, "error": e.record})
+            out.append({"id": task_id, "error": record})
     return out
 
 
-def _table(records, now, width):
+def _table(records: list[dict], now: float, width: int) -> str:
     rows = [("ID", "STATE", "PROGRESS", "AGE", "DBG")]
     for r in records:
         if "error" in r:
@@ -85,12 +94,13 @@ def _table(records, now, width):
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = []
     for row in rows:
-        line = "  ".join([row[0].ljust(widths[0]), row[1].ljust(widths[1]), row[2].rjust(widths[2]), row[3].rjust(widths[3]), row[4]])
+        line = "  ".join([row[0].ljust(widths[0]), row[1].ljust(widths[1]), row[2].rjust(widths[2]), row[3].rjust(widths[3]),
+                          row[4]])
         lines.append(line[:width] if width else line)
     return "\n".join(lines)
 
 
-def cmd_ls(c, args, out):
+def cmd_ls(c: Client, args: argparse.Namespace, out: TextIO) -> int:
     """List every task."""
     records = _records(c, args.dbg)
     if args.json:
@@ -105,12 +115,13 @@ def cmd_ls(c, args, out):
     return 0
 
 
-def _bar(fraction, task_id, started):
+def _bar(fraction: float, task_id: str, started: float) -> str:
     filled = int(round(BAR_WIDTH * fraction))
-    return "\r[%s%s] %4.0f%%  %s  %s" % ("#" * filled, "-" * (BAR_WIDTH - filled), 100 * fraction, task_id, age(time.monotonic() - started))
+    bar = "#" * filled + "-" * (BAR_WIDTH - filled)
+    return "\r[%s] %4.0f%%  %s  %s" % (bar, 100 * fraction, task_id, age(time.monotonic() - started))
 
 
-def cmd_watch(c, args, out):
+def cmd_watch(c: Client, args: argparse.Namespace, out: TextIO) -> int:
     """Follow a task until it finishes."""
     tty = out.isatty() and not args.json
     started = time.monotonic()
@@ -132,28 +143,30 @@ def cmd_watch(c, args, out):
     return 0 if kind == "Completed" else 1
 
 
-def cmd_cancel(c, args, out):
+def cmd_cancel(c: Client, args: argparse.Namespace, out: TextIO) -> int:
     """Request cancellation."""
     c.Task.cancel(dbg=args.dbg, id=args.id)
     out.write("null\n" if args.json else "cancel requested: %s\n" % args.id)
     return 0
 
 
-def cmd_destroy(c, args, out):
+def cmd_destroy(c: Client, args: argparse.Namespace, out: TextIO) -> int:
     """Remove a finished task."""
     c.Task.destroy(dbg=args.dbg, id=args.id)
     out.write("null\n" if args.json else "destroyed: %s\n" % args.id)
     return 0
 
 
-def _parser():
+def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: an option given before the command is not reset by the
     # command's own (absent) copy of it.
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON output for scripts")
-    common.add_argument("--socket", default=argparse.SUPPRESS, help="the daemon's socket (default: its default path, else the executables)")
+    common.add_argument("--socket", default=argparse.SUPPRESS,
+                        help="the daemon's socket (default: its default path, else the executables)")
     common.add_argument("--dbg", default=argparse.SUPPRESS, help="debug context sent with every call (default: %s)" % PROG)
-    parser = argparse.ArgumentParser(prog="python3 -m xapi_storage_tasks.client.cli", description=__doc__.split("\n\n")[0], parents=[common])
+    summary = (__doc__ or "").split("\n\n")[0]
+    parser = argparse.ArgumentParser(prog="python3 -m xapi_storage_tasks.client.cli", description=summary, parents=[common])
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     commands.add_parser("ls", parents=[common], help="list every task").set_defaults(run=cmd_ls)
@@ -161,14 +174,15 @@ def _parser():
     watch.add_argument("id", help="task id")
     watch.add_argument("--interval", type=float, default=0.2, help="seconds between polls (default 0.2)")
     watch.set_defaults(run=cmd_watch)
-    for name, run, what in (("cancel", cmd_cancel, "request cancellation of a task"), ("destroy", cmd_destroy, "remove a finished task")):
+    for name, run, what in (("cancel", cmd_cancel, "request cancellation of a task"),
+                            ("destroy", cmd_destroy, "remove a finished task")):
         sub = commands.add_parser(name, parents=[common], help=what)
         sub.add_argument("id", help="task id")
         sub.set_defaults(run=run)
     return parser
 
 
-def main(argv=None, out=None):
+def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     """Run one command; returns the exit status."""
     args = _parser().parse_args(argv)
     args.json = getattr(args, "json", False)
@@ -176,13 +190,13 @@ def main(argv=None, out=None):
     args.dbg = getattr(args, "dbg", PROG)
     out = out or sys.stdout
     try:
-        with client_module.connect(socket=args.socket) as c:
+        with connection.connect(socket=args.socket) as c:
             return args.run(c, args, out)
     except PluginError as e:
         if args.json:
-            record = getattr(e, "record", None) or codec.error_record(e)
+            record = getattr(e, "record", None) or boundary.error_record(e)
             out.write(json.dumps(record) + "\n")
-        sys.stderr.write("%s: %s\n" % (PROG, e))
+        sys.stderr.write(boundary.one_line("%s: %s" % (PROG, e)) + "\n")
         return 1
     except KeyboardInterrupt:
         if not args.json and out.isatty():

@@ -1,5 +1,7 @@
 """JSON-RPC on one HTTP connection: the daemon's request loop, and the
-dispatch of each request through :func:`xapi_storage_tasks.entry.call`.
+dispatch of each request through :func:`xapi_storage_tasks.entry.call`;
+errors become answers through :mod:`xapi_storage_tasks.wire.boundary`
+(the JSON-RPC codes are :mod:`xapi_storage_tasks.wire.codec`'s).
 
 :func:`dispatch` turns a request body into the response the executables
 would print in envelope mode, byte for byte once :func:`encode_body` has
@@ -15,44 +17,37 @@ pipelined requests, the idle and request timeouts of :mod:`xapi_storage_tasks.wi
 and an HTTP refusal that closes the connection after its answer.
 """
 
+from __future__ import annotations
+
 import socket
 import time
-import traceback
 
-from xapi_storage_tasks.wire import codec
-from xapi_storage_tasks.wire import httpio
-from xapi_storage_tasks import entry as runner
+from xapi_storage_tasks import entry
+from xapi_storage_tasks.wire import boundary, codec, httpio
+from xapi_storage_tasks.wire.codec import INVALID_REQUEST, PARSE_ERROR, SERVER_ERROR
 from xapi_storage_tasks.wire.errors import InternalError, InvalidArguments, PluginError
 
-LINGER = 2.0  # seconds a refused connection may take to send its request
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
-PARSE_ERROR = -32700
-INVALID_REQUEST = -32600
-SERVER_ERROR = -32000
+LINGER = 2.0  # seconds a refused connection may take to send its request
 
 
 # -- JSON-RPC ---------------------------------------------------------------------
 
 
-def _error_response(error, request_id, v2, rpc_code=None):
-    record = runner.record_of(error)
-    response = codec.encode_error_response(record, request_id, v2)
-    if v2 and rpc_code is not None:
-        response["error"]["code"] = rpc_code
-    return response
-
-
-def dispatch(body, log=None):
+def dispatch(body: bytes, log: Callable[[str], object] | None = None) -> dict[str, object]:
     """One JSON-RPC request body (bytes) -> the response object. Never
     raises: every failure is an error response, as the executables print
     it. ``log(text)`` receives the traceback of unexpected errors."""
     try:
-        request = runner.parse_json(body)
+        request = entry.parse_json(body)
     except PluginError as error:
-        return _error_response(error, None, True, PARSE_ERROR)
+        return boundary.error_response(error, None, True, PARSE_ERROR)
     if not isinstance(request, dict):
         why = "batch requests are not supported" if isinstance(request, list) else "a request must be a JSON object"
-        return _error_response(InvalidArguments(why), None, True, INVALID_REQUEST)
+        return boundary.error_response(InvalidArguments(why), None, True, INVALID_REQUEST)
     v2 = request.get("jsonrpc") == "2.0"
     request_id = request.get("id")
     try:
@@ -60,33 +55,34 @@ def dispatch(body, log=None):
             raise InvalidArguments('a request needs "method" and "params"')
         method, params, _, _ = codec.decode_request(request)
     except PluginError as error:
-        return _error_response(error, request_id, v2, INVALID_REQUEST)
+        return boundary.error_response(error, request_id, v2, INVALID_REQUEST)
     try:
-        return codec.encode_response(runner.call(method, params), request_id, v2)
-    except BaseException as exc:  # the boundary, as in runner.main: every failure becomes a record
-        if not isinstance(exc, PluginError) and log is not None:
-            log(runner.unexpected_text(method, exc))
-        return _error_response(runner.as_plugin_error(exc), request_id, v2)
+        return codec.encode_response(entry.call(method, params), request_id, v2)
+    except BaseException as exc:  # the boundary, as in entry.main: every failure becomes a record
+        if boundary.is_unexpected(exc) and log is not None:
+            log(boundary.unexpected_text(method, exc))
+        return boundary.error_response(exc, request_id, v2)
 
 
-def encode_body(response):
+def encode_body(response: object) -> bytes:
     """The response body as the executables print it: JSON and a newline."""
     return (codec.dumps(response) + "\n").encode("utf-8")
 
 
-def refusal_body(status, error):
+def refusal_body(status: int, error: PluginError) -> bytes:
     """The JSON-RPC 2.0 error answer for an HTTP-level refusal."""
     # The request's fault (malformed, too big, too slow, wrong method or
     # version) is an invalid request; a refusal of the peer or a failure of
     # ours is a server error.
     rpc_code = SERVER_ERROR if status in (403, 500, 503) else INVALID_REQUEST
-    return encode_body(_error_response(error, None, True, rpc_code))
+    return encode_body(boundary.error_response(error, None, True, rpc_code))
 
 
 # -- one connection ------------------------------------------------------------------
 
 
-def serve_connection(conn, timeout, log, stopping, on_busy, on_idle):
+def serve_connection(conn: socket.socket, timeout: float, log: Callable[[str], object], stopping: Callable[[], bool],
+                     on_busy: Callable[[], object], on_idle: Callable[[], bool]) -> None:
     """Serve the requests that arrive on ``conn`` until the peer closes it,
     idles past ``timeout``, is refused, or the daemon stops.
 
@@ -118,14 +114,14 @@ def serve_connection(conn, timeout, log, stopping, on_busy, on_idle):
     except OSError:
         pass  # the peer went away or stopped reading: nothing to answer
     except Exception as exc:  # a bug here must cost one connection, not the daemon
-        log("connection failed:\n%s" % "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        log(boundary.unexpected_text("a connection", exc))
         try:
             conn.sendall(httpio.format_response(500, refusal_body(500, InternalError(str(exc))), False))
         except OSError:
             pass
 
 
-def answer_refusal(conn, e, timeout):
+def answer_refusal(conn: socket.socket, e: httpio.HttpError, timeout: float) -> None:
     """Answer the :class:`xapi_storage_tasks.wire.httpio.HttpError` ``e`` on ``conn`` and end
     the conversation (the caller closes ``conn``)."""
     error = InvalidArguments(e.message)

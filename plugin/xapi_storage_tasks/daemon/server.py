@@ -2,7 +2,7 @@
 HTTP/1.1 on a Unix-domain socket.
 
     python3 -m xapi_storage_tasks.daemon.server [--socket PATH] [--foreground | --detach [--pidfile F]]
-                             [--group NAME] [--max-connections N]
+                             [--group NAME] [--max-connections N] [--processes N]
 
 A request is the same JSON-RPC envelope the executables read in envelope
 mode, POSTed to any path::
@@ -32,6 +32,14 @@ SO_PEERCRED: the daemon's own uid, root and, with ``--group``, members of
 that group; others get 403. The socket is 0600 (0660 and the group with
 ``--group``).
 
+With ``--processes N`` (N > 1), N serving processes accept on the one
+listening socket, each with its own connection threads and its own
+``--max-connections``: one process's threads share one interpreter lock,
+so processes spread the calls over the CPUs. The first process then only
+supervises: it forwards the stop signals, replaces a serving process that
+dies, and exits once they have all stopped; they stop with it however it
+ends (``PR_SET_PDEATHSIG``), so none keeps the socket.
+
 Start-up refuses to steal a live socket (a lock file beside it is held for
 the daemon's life, and a socket that accepts a connection is live); a
 socket left by a crashed daemon refuses connections and is replaced.
@@ -40,7 +48,7 @@ idle connections, lets requests in progress finish (at most
 ``--shutdown-timeout`` seconds; a second signal stops waiting) and exits 0.
 
 Workers started through the daemon (``Data.copy``) are forked by
-:func:`xapi_storage_tasks.tasks.worker.spawn` from a thread of this process; see
+:mod:`xapi_storage_tasks.process.spawn` from a thread of this process; see
 :func:`xapi_storage_tasks.daemon.daemonize.prepare_for_forks` for what makes that safe. They
 are detached exactly as when an executable starts them, so stopping or
 restarting the daemon neither kills nor orphans a task.
@@ -49,7 +57,7 @@ This module is the command line; the daemon is made of:
 
 - :mod:`xapi_storage_tasks.daemon.listener`: the listening socket's life (its directory, the
   lock file, stale and live sockets, permissions) and the peer checks;
-- :mod:`xapi_storage_tasks.daemon.serving`: the accept loop, admission, connection limits and
+- :mod:`xapi_storage_tasks.daemon.acceptor`: the accept loop, admission, connection limits and
   the clean stop;
 - :mod:`xapi_storage_tasks.daemon.rpc`: one connection's requests, and the JSON-RPC dispatch
   through :func:`xapi_storage_tasks.entry.call`;
@@ -58,23 +66,37 @@ This module is the command line; the daemon is made of:
 - :mod:`xapi_storage_tasks.wire.httpio`: the HTTP/1.1 framing, shared with the client.
 """
 
+from __future__ import annotations
+
 import argparse
 import grp
 import os
+import signal
 import sys
+import time
 
-from xapi_storage_tasks.wire import httpio
-from xapi_storage_tasks import registry
-from xapi_storage_tasks import settings
-from xapi_storage_tasks.tasks import store
-from xapi_storage_tasks.daemon.daemonize import PROG, Log, detach, prepare_for_forks, report_ready, sd_notify, take_notify_socket
-from xapi_storage_tasks.wire.errors import PluginError
+from xapi_storage_tasks import registry, settings
+from xapi_storage_tasks.daemon.acceptor import DEFAULT_MAX_CONNECTIONS, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_TIMEOUT, Acceptor
+from xapi_storage_tasks.daemon.daemonize import (
+    PROG, STOP_SIGNALS, Log, detach, prepare_for_forks, report_ready, sd_notify, take_notify_socket,
+)
 from xapi_storage_tasks.daemon.listener import StartupError
-from xapi_storage_tasks.daemon.serving import DEFAULT_MAX_CONNECTIONS, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_TIMEOUT, Daemon
+from xapi_storage_tasks.tasks.store import Store
+from xapi_storage_tasks.wire import httpio
+from xapi_storage_tasks.wire.boundary import unexpected_text
+from xapi_storage_tasks.wire.errors import PluginError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import FrameType
+    from typing import NoReturn
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _positive(kind):
-    def parse(text):
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
         value = kind(text)
         if value <= 0:
             raise argparse.ArgumentTypeError("must be positive")
@@ -83,7 +105,7 @@ def _positive(kind):
     return parse
 
 
-def _parser():
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python3 -m xapi_storage_tasks.daemon.server",
         description="Serve the storage plugin's methods (%s) as JSON-RPC over HTTP/1.1 on a Unix socket."
@@ -101,17 +123,19 @@ def _parser():
                         help="seconds a request may take to arrive, and a connection may idle (default %g)" % DEFAULT_TIMEOUT)
     parser.add_argument("--shutdown-timeout", type=_positive(float), default=DEFAULT_SHUTDOWN_TIMEOUT,
                         help="seconds to let requests in progress finish on SIGTERM (default %g)" % DEFAULT_SHUTDOWN_TIMEOUT)
+    parser.add_argument("--processes", type=_positive(int), default=1,
+                        help="serving processes sharing the socket, each with its own --max-connections (default 1)")
     return parser
 
 
-def _group_id(name):
+def _group_id(name: str) -> int:
     try:
         return int(name) if name.isdigit() else grp.getgrnam(name).gr_gid
     except KeyError:
-        raise StartupError("no group named %r" % name)
+        raise StartupError("no group named %r" % name) from None
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     """Run the daemon; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
@@ -126,11 +150,11 @@ def main(argv=None):
     try:
         gid = _group_id(args.group) if args.group else None
         try:
-            with store.Store():
+            with Store():
                 pass  # a bad state directory fails now, not at the first call
         except PluginError as e:
-            raise StartupError(str(e))
-        server = Daemon(args.socket or httpio.default_socket(), gid, args.max_connections, args.timeout,
+            raise StartupError(str(e)) from None
+        server = Acceptor(args.socket or httpio.default_socket(), gid, args.max_connections, args.timeout,
                         args.shutdown_timeout, log)
         server.bind()
     except StartupError as e:
@@ -141,16 +165,122 @@ def main(argv=None):
         ready = detach(server.fds(), args.pidfile)
         server.record_pid()  # the lock file named the process that ran --detach
     notify = take_notify_socket()
+    log("serving %s (pid %d, state directory %s)" % (server.path, os.getpid(), os.path.abspath(settings.state_dir())))
+    if args.processes > 1:
+        return _supervise(server, args.processes, log, notify, ready)
     prepare_for_forks()
     server.install_signal_handlers()
     server.notify = notify
-    log("serving %s (pid %d, state directory %s)" % (server.path, os.getpid(), os.path.abspath(settings.state_dir())))
     if ready is not None:
         report_ready(ready)
     sd_notify(notify, "READY=1\nMAINPID=%d\nSTATUS=serving %s" % (os.getpid(), server.path))
     server.serve()
     log("stopped")
     return 0
+
+
+# -- several serving processes ---------------------------------------------------------------
+
+RESPAWN_PAUSE = 1.0  # seconds between replacing serving processes that keep dying
+
+
+def _supervise(server: Acceptor, count: int, log: Log, notify: str | None, ready: int | None) -> int:
+    """Serve with ``count`` processes that all accept on the one listening
+    socket, each a complete :class:`Acceptor` (its own connection threads,
+    limits and clean stop); this process only starts them, forwards the
+    stop signals to them, replaces one that dies, and exits once all have
+    stopped. Spreading the connections over processes spreads them over
+    the CPUs: one process's threads share one interpreter lock."""
+    children: set[int] = set()
+    signals: list[int] = []
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        if not signals:
+            sd_notify(notify, "STOPPING=1")
+        signals.append(signum)
+        for pid in list(children):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def start() -> None:
+        pid = os.fork()
+        if pid == 0:
+            _serve_child(server, log, parent)
+        children.add(pid)
+
+    parent = os.getpid()
+    # Signals wait until every child can receive them: a child unblocks
+    # them once its own handlers are in place.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    for _ in range(count):
+        start()
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    if ready is not None:
+        report_ready(ready)
+    sd_notify(notify, "READY=1\nMAINPID=%d\nSTATUS=serving %s with %d processes" % (parent, server.path, count))
+    last_start = 0.0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        if pid not in children:
+            continue
+        children.discard(pid)
+        if signals:
+            continue
+        log("serving process %d ended (%s); starting another" % (pid, _status_text(status)))
+        pause = last_start + RESPAWN_PAUSE - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        if not signals:
+            start()
+            last_start = time.monotonic()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    server.close_lock()
+    log("stopped")
+    return 0
+
+
+def _status_text(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return "signal %d" % os.WTERMSIG(status)
+    return "exit status %d" % os.waitstatus_to_exitcode(status)
+
+
+def _serve_child(server: Acceptor, log: Log, parent: int) -> NoReturn:
+    """The life of one serving process: it stops with the supervisor,
+    however the supervisor ends (SIGKILL included)."""
+    status = 1
+    try:
+        server.after_fork()
+        prepare_for_forks()
+        server.install_signal_handlers()
+        _stop_with_parent(parent)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        server.serve()
+        status = 0
+    except BaseException as exc:
+        log(unexpected_text("a serving process", exc))
+    finally:
+        os._exit(status)
+
+
+def _stop_with_parent(parent: int) -> None:
+    """Have the kernel send SIGTERM to this process when its parent (pid
+    ``parent``) dies (``PR_SET_PDEATHSIG``), so that no serving process
+    outlives its supervisor and keeps the socket."""
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # it died before the request
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -4,30 +4,39 @@
 ``["CopyV1", id]`` is the task ``id``. Copies are validated in the calling
 process (bad input makes no task), then run by a detached worker
 (:mod:`xapi_storage_tasks.data.copy`).
+
+This module imports only the error tree at import time: the registry
+refers to these functions directly, so every executable (and the client)
+imports this module whichever method it runs. Each function imports what
+its call needs when it is called (``Data.stat`` never loads the copy
+engine, ``Data.copy`` loads it and the worker machinery).
 """
 
-from xapi_storage_tasks.tasks import lifecycle
-from xapi_storage_tasks.wire.codec import OPERATION_TAGS
+from __future__ import annotations
+
 from xapi_storage_tasks.wire.errors import PluginError, TaskCorrupt, TaskDoesNotExist, Unimplemented
-from xapi_storage_tasks.tasks.store import Store
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from xapi_storage_tasks.tasks.state import State
+    from xapi_storage_tasks.tasks.store import Store
 
 
-def copy(dbg, uri, domain, remote, blocklist):
+def copy(dbg: str, uri: str, domain: str, remote: str, blocklist: tuple[int, list[tuple[int, int]]] | None) -> tuple[str, str]:
     """Start copying ``uri`` (or the ranges of ``blocklist``) to ``remote``;
     returns ``("CopyV1", task id)`` at once."""
-    from xapi_storage_tasks.data import copy as engine
+    from xapi_storage_tasks.data.copy import plan, run
     from xapi_storage_tasks.tasks import worker
 
-    args = engine.plan(uri, remote, blocklist)
-    return "CopyV1", worker.start(dbg, engine.run, args, kind="CopyV1")
+    return "CopyV1", worker.start(dbg, run, plan(uri, remote, blocklist), kind="CopyV1")
 
 
-def mirror(dbg, uri, domain, remote):
+def mirror(dbg: str, uri: str, domain: str, remote: str) -> tuple[str, str]:
     """Mirroring is not implemented: say so rather than pretend."""
     raise Unimplemented("Data.mirror")
 
 
-def _check_kind(store, operation):
+def _check_kind(store: Store, operation: tuple[str, str]) -> str:
     """The operation names a task of its kind (a plain task, or a copy
     asked about as a mirror, does not exist as that operation)."""
     kind, task_id = operation
@@ -36,20 +45,29 @@ def _check_kind(store, operation):
     return task_id
 
 
-def stat(dbg, operation):
+def stat(dbg: str, operation: tuple[str, str]) -> State:
     """``{failed, complete, progress}`` of the operation's task."""
+    from xapi_storage_tasks.tasks import lifecycle
+    from xapi_storage_tasks.tasks.store import Store
+
     with Store() as store:
         return lifecycle.reconcile(store, _check_kind(store, operation)).state
 
 
-def cancel(dbg, operation):
+def cancel(dbg: str, operation: tuple[str, str]) -> None:
     """As ``Task.cancel``."""
+    from xapi_storage_tasks.tasks import lifecycle
+    from xapi_storage_tasks.tasks.store import Store
+
     with Store() as store:
         lifecycle.request_cancel(store, _check_kind(store, operation))
 
 
-def destroy(dbg, operation):
+def destroy(dbg: str, operation: tuple[str, str]) -> None:
     """As ``Task.destroy``, unreadable task files included."""
+    from xapi_storage_tasks.tasks import lifecycle
+    from xapi_storage_tasks.tasks.store import Store
+
     with Store() as store:
         try:
             _check_kind(store, operation)
@@ -58,8 +76,12 @@ def destroy(dbg, operation):
         lifecycle.destroy(store, operation[1])
 
 
-def ls(dbg):
+def ls(dbg: str) -> list[tuple[str, str]]:
     """Every data operation, oldest first, as ``(kind, id)`` pairs."""
+    from xapi_storage_tasks.tasks import lifecycle
+    from xapi_storage_tasks.tasks.store import Store
+    from xapi_storage_tasks.wire.codec import OPERATION_TAGS
+
     with Store() as store:
         lifecycle.reconcile_pending(store)
         out = []
@@ -71,4 +93,3 @@ def ls(dbg):
             if kind in OPERATION_TAGS:
                 out.append((kind, task_id))
         return out
-

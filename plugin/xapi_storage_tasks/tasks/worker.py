@@ -26,6 +26,7 @@ from xapi_storage_tasks.tasks import lifecycle
 from xapi_storage_tasks.tasks import log
 from xapi_storage_tasks.process import identity as proc
 from xapi_storage_tasks.process.spawn import spawn
+from xapi_storage_tasks.wire import boundary
 from xapi_storage_tasks.wire.errors import PluginError, TaskDoesNotExist
 from xapi_storage_tasks.tasks.state import CANCELLED, Completed, Pending, TransitionRefused
 from xapi_storage_tasks.tasks.store import Store
@@ -213,14 +214,8 @@ def _work(path, task_id, func, args, ready_fd):
         log.task_event(store, task, "task finished or destroyed elsewhere; worker exits")
     except BaseException as exc:
         ctx._interruptible = False
-        if isinstance(exc, PluginError):
-            message = str(exc)
-        else:
-            message = "%s: %s" % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
-        import traceback  # only failures pay for it
-
-        log.task_event(store, task, "operation raised:\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-        _finish_failed(store, task_id, message)
+        log.task_event(store, task, "operation raised:\n" + boundary.traceback_text(exc))
+        _finish_failed(store, task_id, boundary.failure_message(exc))
 
 
 def _finish_failed(store, task_id, message):

@@ -19,12 +19,18 @@ names the daemon answers a refused connection with, ``Permission_denied``
 and ``Service_unavailable``, are in :mod:`xapi_storage_tasks.wire.errors`.)
 """
 
+from __future__ import annotations
+
 import os
 import re
 import socket
 import time
 
 from xapi_storage_tasks import settings
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
 
 MAX_BODY = settings.MAX_INPUT  # the executables' limit, so both transports agree
 MAX_HEAD = 16 * 1024
@@ -53,7 +59,7 @@ _FIELD_VALUE = re.compile(rb"^[\t\x20-\x7e\x80-\xff]*$")
 _END_OF_HEAD = re.compile(rb"\r?\n\r?\n")
 
 
-def default_socket():
+def default_socket() -> str:
     """The daemon's default socket: ``daemon.sock`` in the state directory
     (``/run/xapi-storage-tasks/daemon.sock`` for root), so a daemon and a
     client that agree on ``TASK_STATE_DIR`` find each other."""
@@ -64,7 +70,7 @@ class HttpError(Exception):
     """A request the server refuses at the HTTP level; the connection is
     closed after the answer."""
 
-    def __init__(self, status, message, headers=()):
+    def __init__(self, status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -81,7 +87,8 @@ class Request:
 
     __slots__ = ("method", "target", "version", "headers", "body", "keep_alive")
 
-    def __init__(self, method, target, version, headers, body, keep_alive):
+    def __init__(self, method: str, target: str, version: tuple[int, int], headers: dict[str, str], body: bytes,
+                 keep_alive: bool) -> None:
         self.method = method
         self.target = target
         self.version = version
@@ -95,7 +102,7 @@ class Response:
 
     __slots__ = ("status", "reason", "headers", "body", "keep_alive")
 
-    def __init__(self, status, reason, headers, body, keep_alive):
+    def __init__(self, status: int, reason: str, headers: dict[str, str], body: bytes, keep_alive: bool) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers
@@ -108,11 +115,11 @@ class Reader:
     :func:`time.monotonic`). Bytes past the current message stay buffered
     for the next one, so pipelined requests work."""
 
-    def __init__(self, sock):
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buf = bytearray()
 
-    def fill(self, deadline):
+    def fill(self, deadline: float) -> bool:
         """Receive more bytes; False at end of stream. Raises
         ``socket.timeout`` once ``deadline`` has passed."""
         remaining = deadline - time.monotonic()
@@ -125,7 +132,7 @@ class Reader:
         self.buf += data
         return True
 
-    def read_exact(self, count, deadline):
+    def read_exact(self, count: int, deadline: float) -> bytes:
         """Exactly ``count`` bytes; ``HttpError(400)`` if the stream ends
         first, ``socket.timeout`` past ``deadline``."""
         while len(self.buf) < count:
@@ -135,7 +142,7 @@ class Reader:
         del self.buf[:count]
         return data
 
-    def read_until_close(self, deadline, limit):
+    def read_until_close(self, deadline: float, limit: int) -> bytes:
         """Everything up to the end of the stream (a response without
         Content-Length), at most ``limit`` bytes."""
         while self.fill(deadline):
@@ -146,7 +153,8 @@ class Reader:
         return data
 
 
-def read_head(reader, idle_timeout, timeout, on_start=None):
+def read_head(reader: Reader, idle_timeout: float, timeout: float,
+              on_start: Callable[[], object] | None = None) -> tuple[bytes, float]:
     """The next message head (request or status line and fields, without
     the blank line) and the deadline for the rest of the message.
 
@@ -180,8 +188,8 @@ def read_head(reader, idle_timeout, timeout, on_start=None):
             more = reader.fill(idle_deadline if deadline is None else deadline)
         except socket.timeout:
             if deadline is None:
-                raise Closed("idle")
-            raise HttpError(408, "the request was not received within %g s" % timeout)
+                raise Closed("idle") from None
+            raise HttpError(408, "the request was not received within %g s" % timeout) from None
         except (ConnectionResetError, BrokenPipeError):
             more = False
         if not more:
@@ -190,10 +198,10 @@ def read_head(reader, idle_timeout, timeout, on_start=None):
             raise HttpError(400, "the connection ended inside a message head")
 
 
-def _fields(lines):
+def _fields(lines: Sequence[bytes]) -> dict[str, str]:
     """Header fields as a dict of lower-case name -> value (latin-1 text).
     Repeated fields are joined with ", " (RFC 9110 section 5.3)."""
-    fields = {}
+    fields: dict[str, str] = {}
     for line in lines:
         if line[:1] in (b" ", b"\t"):
             raise HttpError(400, "obsolete line folding in header fields")
@@ -215,11 +223,11 @@ def _fields(lines):
     return fields
 
 
-def _lines(head):
+def _lines(head: bytes) -> list[bytes]:
     return [line[:-1] if line.endswith(b"\r") else line for line in head.split(b"\n")]
 
 
-def _version(raw):
+def _version(raw: bytes) -> tuple[int, int]:
     found = _VERSION.match(raw)
     if not found:
         raise HttpError(400, "malformed HTTP version %r" % raw[:20].decode("latin-1"))
@@ -228,14 +236,14 @@ def _version(raw):
     return (1, int(found.group(2)))
 
 
-def _keep_alive(version, fields):
+def _keep_alive(version: tuple[int, int], fields: dict[str, str]) -> bool:
     tokens = {t.strip().lower() for t in fields.get("connection", "").split(",")}
     if version >= (1, 1):
         return "close" not in tokens
     return "keep-alive" in tokens
 
 
-def _content_length(fields):
+def _content_length(fields: dict[str, str]) -> int | None:
     if "transfer-encoding" in fields:
         # Chunked bodies are not needed by any JSON-RPC client; refusing
         # them removes a whole class of framing ambiguities.
@@ -248,7 +256,8 @@ def _content_length(fields):
     return int(text)
 
 
-def read_request(reader, idle_timeout, timeout, methods=("POST",), on_start=None):
+def read_request(reader: Reader, idle_timeout: float, timeout: float, methods: Sequence[str] = ("POST",),
+                 on_start: Callable[[], object] | None = None) -> Request:
     """Read one request from ``reader``: its head, then its body.
 
     Raises :class:`Closed` before any byte of a request, and
@@ -280,13 +289,13 @@ def read_request(reader, idle_timeout, timeout, methods=("POST",), on_start=None
     try:
         body = reader.read_exact(length, deadline)
     except socket.timeout:
-        raise HttpError(408, "the request body was not received within %g s" % timeout)
+        raise HttpError(408, "the request body was not received within %g s" % timeout) from None
     except (ConnectionResetError, BrokenPipeError):
-        raise HttpError(400, "the connection ended inside a message body")
+        raise HttpError(400, "the connection ended inside a message body") from None
     return Request(method, parts[1].decode("ascii"), version, fields, body, _keep_alive(version, fields))
 
 
-def read_response(reader, timeout, limit=64 << 20):
+def read_response(reader: Reader, timeout: float, limit: int = 64 << 20) -> Response:
     """Read one response (1xx interim responses are skipped). Raises
     :class:`Closed` if the stream ends before the first byte; ``limit``
     bounds the body."""
@@ -312,11 +321,11 @@ def read_response(reader, timeout, limit=64 << 20):
             else:
                 body = reader.read_exact(length, deadline)
         except socket.timeout:
-            raise HttpError(408, "the response was not received within %g s" % timeout)
+            raise HttpError(408, "the response was not received within %g s" % timeout) from None
         return Response(status, reason, fields, body, keep_alive)
 
 
-def format_response(status, body, keep_alive, headers=()):
+def format_response(status: int, body: bytes, keep_alive: bool, headers: Iterable[tuple[str, str]] = ()) -> bytes:
     """A complete response as bytes; ``body`` is JSON text as bytes."""
     head = [
         "HTTP/1.1 %d %s" % (status, REASONS.get(status, "Unknown")),
@@ -328,7 +337,7 @@ def format_response(status, body, keep_alive, headers=()):
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
 
 
-def format_request(body, path="/"):
+def format_request(body: bytes, path: str = "/") -> bytes:
     """A complete keep-alive POST of the JSON ``body`` (bytes)."""
     head = (
         "POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
