@@ -30,7 +30,7 @@ def test_every_registered_method_resolves_to_a_function():
         assert callable(impl), name
         assert [p for p, _ in spec] == list(impl.__code__.co_varnames[: len(spec)]), name
         assert registry.lookup(name.upper())[0] == name
-        assert kind in ("task", "unit", "id_list", "operation", "operation_list", "status")
+        assert kind in ("task", "unit", "id_list", "operation", "operation_list", "status", "query", "attach", "string")
     assert runner.registry is registry
 
 

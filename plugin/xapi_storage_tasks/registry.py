@@ -15,6 +15,7 @@ function receives them as keyword arguments and returns a value that
 TASK_ID = (("dbg", "str"), ("id", "task_id"))
 OPERATION = (("dbg", "str"), ("operation", "operation"))
 MIRROR = (("dbg", "str"), ("uri", "str"), ("domain", "str"), ("remote", "str"))
+DATAPATH = (("dbg", "str"), ("uri", "str"), ("domain", "str"))
 
 METHODS = {
     "Task.stat": ("xapi_storage_tasks.tasks.api", "stat", TASK_ID, "task"),
@@ -27,6 +28,13 @@ METHODS = {
     "Data.cancel": ("xapi_storage_tasks.data.api", "cancel", OPERATION, "unit"),
     "Data.destroy": ("xapi_storage_tasks.data.api", "destroy", OPERATION, "unit"),
     "Data.ls": ("xapi_storage_tasks.data.api", "ls", (("dbg", "str"),), "operation_list"),
+    "Plugin.Query": ("xapi_storage_tasks.datapath.api", "query", (("dbg", "str"),), "query"),
+    "Plugin.diagnostics": ("xapi_storage_tasks.datapath.api", "diagnostics", (("dbg", "str"),), "string"),
+    "Datapath.attach": ("xapi_storage_tasks.datapath.api", "attach", DATAPATH, "attach"),
+    "Datapath.activate": ("xapi_storage_tasks.datapath.api", "activate", DATAPATH, "unit"),
+    "Datapath.activate_readonly": ("xapi_storage_tasks.datapath.api", "activate_readonly", DATAPATH, "unit"),
+    "Datapath.deactivate": ("xapi_storage_tasks.datapath.api", "deactivate", DATAPATH, "unit"),
+    "Datapath.detach": ("xapi_storage_tasks.datapath.api", "detach", DATAPATH, "unit"),
 }
 
 # Methods whose repetition changes nothing: a client may resend them when a

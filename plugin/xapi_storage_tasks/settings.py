@@ -21,6 +21,16 @@ SYSLOG = "TASK_SYSLOG"
 """``1`` forces syslog, ``0`` forces ``logs/<id>.log`` files; unset: syslog
 when ``/dev/log`` exists."""
 
+DATAPATH_LOCK_WAIT = "TASK_DATAPATH_LOCK_WAIT"
+"""Seconds a Datapath call waits for another call on the same volume
+(default 30)."""
+
+MIRROR_DRAIN_TIMEOUT = "TASK_MIRROR_DRAIN_TIMEOUT"
+"""Seconds ``Datapath.deactivate`` may spend draining a mirror (default 10)."""
+
+QEMU_STORAGE_DAEMON = "TASK_QEMU_STORAGE_DAEMON"
+"""The qemu-storage-daemon executable (default: found on PATH)."""
+
 DEFAULT_CANCEL_GRACE = 5.0
 MAX_INPUT = 1 << 20
 """The largest params object or request body accepted, in bytes."""

@@ -263,6 +263,10 @@ def encode_result(kind, value):
         return [encode_operation(k, i) for k, i in value]
     if kind == "status":
         return encode_status(value)
+    if kind in ("query", "attach"):  # records built to the wire's shape by their method
+        return dict(value)
+    if kind == "string":
+        return str(value)
     raise ValueError("unknown result kind %r" % kind)
 
 
