@@ -8,7 +8,7 @@ process (bad input makes no task), then run by a detached worker
 
 from xapi_storage_tasks.tasks import lifecycle
 from xapi_storage_tasks.wire.codec import OPERATION_TAGS
-from xapi_storage_tasks.wire.errors import PluginError, TaskCorrupt, TaskDoesNotExist, Unimplemented
+from xapi_storage_tasks.wire.errors import PluginError, TaskCorrupt, TaskDoesNotExist
 from xapi_storage_tasks.tasks.store import Store
 
 
@@ -16,15 +16,20 @@ def copy(dbg, uri, domain, remote, blocklist):
     """Start copying ``uri`` (or the ranges of ``blocklist``) to ``remote``;
     returns ``("CopyV1", task id)`` at once."""
     from xapi_storage_tasks.data import copy as engine
+    from xapi_storage_tasks.data import mirror
     from xapi_storage_tasks.tasks import worker
 
+    mirror.refuse_copy(uri, remote)
     args = engine.plan(uri, remote, blocklist)
     return "CopyV1", worker.start(dbg, engine.run, args, kind="CopyV1")
 
 
 def mirror(dbg, uri, domain, remote):
-    """Mirroring is not implemented: say so rather than pretend."""
-    raise Unimplemented("Data.mirror")
+    """Start mirroring the attached volume ``uri`` to ``remote``; returns
+    ``("MirrorV1", task id)`` at once (see :mod:`xapi_storage_tasks.data.mirror`)."""
+    from xapi_storage_tasks.data import mirror as engine
+
+    return "MirrorV1", engine.start(dbg, uri, domain, remote)
 
 
 def _check_kind(store, operation):
@@ -39,7 +44,12 @@ def _check_kind(store, operation):
 def stat(dbg, operation):
     """``{failed, complete, progress}`` of the operation's task."""
     with Store() as store:
-        return lifecycle.reconcile(store, _check_kind(store, operation)).state
+        task = lifecycle.reconcile(store, _check_kind(store, operation))
+    if task.kind == "MirrorV1":
+        from xapi_storage_tasks.data import mirror as engine
+
+        return engine.reported_state(task)  # complete once ready, from the task file alone
+    return task.state
 
 
 def cancel(dbg, operation):
