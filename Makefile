@@ -3,7 +3,7 @@ PYTHON ?= python3
 DEBS = qemu-utils qemu-system-common nbdkit libnbd-bin rpm
 PIP_PACKAGES = psutil python-daemon qemu.qmp pytest hypothesis vermin ruff mypy types-psutil
 
-.PHONY: deps lint test demo bench rpm reliability
+.PHONY: deps lint test demo demo-copy bench rpm reliability
 
 # Everything the demo, the tests and the linters need (installed only when
 # missing): Python packages from PyPI and the
@@ -23,8 +23,13 @@ lint:
 test:
 	$(PYTHON) -m pytest -q
 
+# A live storage migration, as the toolstack drives it (ends "identical").
 demo:
-	PYTHON=$(PYTHON) sh tools/demo.sh
+	PYTHON=$(PYTHON) sh tools/demo-migrate.sh
+
+# A Data.copy into an NBD target, watched with Task.stat.
+demo-copy:
+	PYTHON=$(PYTHON) sh tools/demo-copy.sh
 
 # Source RPM and noarch RPM from the working tree into ./rpmbuild/ (packaging/README.md).
 rpm:

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(
 SIZE = 32 << 20
 GUEST = "7"
 DOM0 = "u0-mirror_abc"
-WRITER = os.path.join(ROOT, "tests", "guest_writer.py")
+WRITER = os.path.join(ROOT, "tools", "nbd-guest-writer.py")
 
 
 def wait_for(predicate, timeout=30.0, what="condition"):

@@ -1,9 +1,9 @@
-"""A guest for the datapath tests: writes random blocks through an NBD
-export (the project's own NBD client) until SIGTERM, every write
+"""A guest for the migration demo and tests: writes random blocks through
+an NBD export (the project's own NBD client) until SIGTERM, every write
 acknowledged before the next. Its count of acknowledged writes is kept in
-a file (so tests can wait for writes to go on) and printed at the end.
+COUNT_FILE (so callers can wait for writes to go on) and printed at the end.
 
-    python3 guest_writer.py NBD_URI SIZE COUNT_FILE
+    python3 tools/nbd-guest-writer.py NBD_URI SIZE COUNT_FILE
 """
 
 import os
@@ -18,12 +18,12 @@ from xapi_storage_tasks.nbd.protocol import Client  # noqa: E402
 stop = False
 
 
-def on_term(signum, frame):
+def on_term(signum: int, frame: object) -> None:
     global stop
     stop = True
 
 
-def main(uri, size, count_file):
+def main(uri: str, size: int, count_file: str) -> None:
     signal.signal(signal.SIGTERM, on_term)
     rng = random.Random(os.getpid())
     count = 0
