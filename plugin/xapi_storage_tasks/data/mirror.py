@@ -30,7 +30,7 @@ from typing import Any, Dict, Optional
 
 from xapi_storage_tasks.datapath.errors import DaemonFailed, MirrorFailed, NotAttached, VolumeInUse
 from xapi_storage_tasks.tasks.record import Task
-from xapi_storage_tasks.tasks.state import Completed, Pending, State
+from xapi_storage_tasks.tasks.state import Completed
 from xapi_storage_tasks.tasks.store import Store
 from xapi_storage_tasks.wire.errors import PluginError
 
@@ -38,16 +38,6 @@ KIND = "MirrorV1"
 FUNC = "xapi_storage_tasks.data.mirror:run"
 POLL = 0.2
 DEFAULT_DRAIN_TIMEOUT = 10.0
-
-
-def reported_state(task: Task) -> State:
-    """The state ``Data.stat`` reports for a mirror's task: a Pending
-    mirror whose job is ready reports as complete (the existing data is
-    synchronised; mirroring of new writes continues), a finished one as
-    it finished. Reads the task record only: no QMP per call."""
-    if isinstance(task.state, Pending) and task.operation and task.operation.get("ready"):
-        return Completed(time.time() - task.ctime)
-    return task.state
 
 
 def running_task(store: Store, mirror: Optional[Dict[str, str]]) -> Optional[Task]:
