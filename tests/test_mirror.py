@@ -279,3 +279,92 @@ def test_mirror_needs_an_attached_volume_and_a_valid_remote(state_dir, volumes, 
     wait_for(lambda: task_state(op)[0] == "Failed", what="the mirror to fail")
     assert "/nonexistent/sock" in task_state(op)[1]
     dp("detach", uri, GUEST)
+
+
+def qmp_jobs(volumes):
+    """The jobs in the volume's storage daemon, through its control socket."""
+    from xapi_storage_tasks.datapath import qmp
+
+    (ctl,) = volumes.glob("*.ctl")
+    return qmp.run(str(ctl), [("query-jobs", None)])[0]
+
+
+def test_a_killed_mirror_worker_fails_the_task_and_its_job_is_ended(state_dir, volumes, tmp_path, uri, servers, store):
+    attach_guest(uri)
+    # Fast enough that ending the job (which waits for its writes in
+    # flight) is quick, slow enough that the worker dies mid-sync.
+    _, remote = slow_target(servers, tmp_path, rate="64M")
+    op = start_mirror(uri, remote)
+    wait_for(lambda: qmp_jobs(volumes), what="the mirror job")
+    worker = store.get(op[1]).worker
+    os.kill(worker["pid"], signal.SIGKILL)
+    assert identity.wait_gone(worker, 10)
+    assert data_stat(op)["failed"] is True
+    assert task_state(op)[1].startswith("Worker lost")
+    assert qmp_jobs(volumes)  # nobody ended it yet
+    assert dp("deactivate", uri, GUEST).stdout == b"null\n"
+    assert qmp_jobs(volumes) == []  # the deactivate did
+    assert "whose worker was lost" in (state_dir / "logs" / "store.log").read_text()
+    assert dp("detach", uri, GUEST).stdout == b"null\n"
+
+
+def test_active_mirroring_converges_while_the_guest_outpaces_the_target(state_dir, volumes, tmp_path, source, uri, servers):
+    guest = Guest(attach_guest(uri), tmp_path)
+    wait_for(lambda: guest.writes() >= 20, what="the guest to write")
+    _, remote = slow_target(servers, tmp_path, rate="16M")  # slower than the guest alone writes
+    op = start_mirror(uri, remote)
+    wait_for(lambda: data_stat(op)["complete"], timeout=120, what="the mirror to converge")
+    writes = guest.writes()
+    wait_for(lambda: guest.writes() > writes, what="the guest to go on writing")
+    assert data_stat(op) == {"failed": False, "complete": True, "progress": 1.0}
+    dump = json.loads(run_bin("Plugin.diagnostics", {"dbg": "t"}).json)
+    assert [(m["task"], m["ready"]) for m in dump["mirrors"]] == [(op[1], True)]
+    guest.stop()
+    assert dp("deactivate", uri, GUEST).stdout == b"null\n"
+    assert task_state(op)[0] == "Completed"
+    assert dp("detach", uri, GUEST).stdout == b"null\n"
+
+
+def untracked_daemons(state_dir):
+    """qemu-storage-daemons serving this state directory that no record names."""
+    import psutil
+
+    tracked = set()
+    if (state_dir / "volumes").exists():
+        tracked = {json.loads(p.read_text())["identity"]["pid"] for p in (state_dir / "volumes").glob("*.qsd")}
+    found = set()
+    for proc in psutil.process_iter(["pid", "name", "cmdline", "status"]):
+        if proc.info["name"] == "qemu-storage-daemon" and proc.info["status"] != psutil.STATUS_ZOMBIE \
+                and any(str(state_dir) in arg for arg in proc.info["cmdline"] or ()):
+            found.add(proc.info["pid"])
+    return found - tracked
+
+
+@pytest.mark.parametrize("method", ["attach", "detach", "mirror"])
+def test_callers_killed_at_random_points_leave_nothing_untracked(state_dir, volumes, tmp_path, uri, servers, method):
+    import random
+
+    _, remote = slow_target(servers, tmp_path, rate="1G")
+    rng = random.Random(11)
+    for _ in range(8):
+        if method != "attach":
+            dp("attach", uri, GUEST)
+        if method == "mirror":
+            args, params = "Data.mirror", {"dbg": "t", "uri": uri, "domain": GUEST, "remote": remote}
+        else:
+            args, params = "Datapath." + method, {"dbg": "t", "uri": uri, "domain": GUEST}
+        proc = subprocess.Popen([os.path.join(ROOT, "bin", args), "--json"], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc.stdin.write(json.dumps(params).encode())
+        proc.stdin.close()
+        time.sleep(rng.uniform(0, 0.2))
+        proc.kill()
+        proc.wait()
+        assert untracked_daemons(state_dir) == set()
+        assert dp("detach", uri, GUEST).stdout == b"null\n"  # the way out, whatever state was left
+    assert untracked_daemons(state_dir) == set()
+    assert not list(volumes.glob("*.qsd"))
+    # No task is left Pending for ever: every mirror started was ended by the detach.
+    for task_id in run_bin("Task.ls", {"dbg": "t"}).json:
+        wait_for(lambda t=task_id: run_bin("Task.stat", {"dbg": "t", "id": t}).json["state"][0] != "Pending", timeout=60,
+                 what="task %s to end" % task_id)

@@ -53,6 +53,18 @@ def running_task(store: Store, mirror: Optional[Dict[str, str]]) -> Optional[Tas
     return None if task.state.terminal else task
 
 
+def orphaned(store: Store, mirror: Dict[str, str]) -> bool:
+    """The mirror's task ended without its worker (killed): its job may
+    still run in the daemon, and nobody else will end it."""
+    from xapi_storage_tasks.tasks.state import Failed
+
+    try:
+        task = store.get(mirror["task"])
+    except PluginError:
+        return True
+    return isinstance(task.state, Failed) and task.state.message.startswith("Worker lost")
+
+
 # -- Data.mirror: in the calling process ----------------------------------------
 
 
@@ -83,6 +95,8 @@ def start(dbg: str, uri: str, domain: str, remote: str) -> str:
                 if running.operation and running.operation.get("args", {}).get("remote") == remote:
                     return running.id
                 raise VolumeInUse("volume %s is already being mirrored by task %s" % (uri, running.id))
+            if record.mirror is not None and orphaned(store, record.mirror):
+                abort(daemon["ctl"], record.mirror)  # its worker was lost: end its job first
             suffix = "%x" % time.time_ns()
             job, node = "mirror-" + suffix, "target-" + suffix
             target: Dict[str, Any] = {"driver": "nbd", "node-name": node, "export": address.export, "reconnect-delay": 0}
@@ -185,17 +199,50 @@ def drain(store: Store, ctl: str, mirror: Dict[str, str], timeout: float) -> Opt
     return task.state.message if task is not None and isinstance(task.state, Failed) else message
 
 
-def abort(ctl: str, mirror: Dict[str, str]) -> None:
-    """Best effort: force-cancel a mirror job and remove its target node
-    (after its worker died, or when a drain gave up)."""
+def abort(ctl: str, mirror: Dict[str, str], timeout: float = 5.0) -> None:
+    """Best effort, bounded: force-cancel a mirror job, wait for it to
+    conclude, dismiss it and remove its target node (after its worker
+    died, when a drain gave up, or when the volume is detached)."""
+    import asyncio
+
+    try:
+        asyncio.run(_abort(ctl, mirror, timeout))
+    except (PluginError, asyncio.TimeoutError) as e:
+        from xapi_storage_tasks.tasks import log
+
+        with Store() as store:
+            log.store_event(store, "datapath: could not end mirror job %s: %s" % (mirror["job"], e))
+
+
+async def _abort(ctl: str, mirror: Dict[str, str], timeout: float) -> None:
+    import asyncio
+
     from xapi_storage_tasks.datapath import qmp
 
-    for command in (("block-job-cancel", {"device": mirror["job"], "force": True}),
-                    ("job-dismiss", {"id": mirror["job"]}),
-                    ("blockdev-del", {"node-name": mirror["node"]})):
+    client = await qmp.connect(ctl, "abort", timeout)
+    try:
+        deadline = time.monotonic() + timeout
+        job = mirror["job"]
         try:
-            qmp.run(ctl, [command], timeout=2.0)
-        except PluginError:
+            await qmp.execute(client, "block-job-cancel", {"device": job, "force": True}, timeout)
+        except DaemonFailed:
+            pass  # no such job any more, or already cancelled
+        while True:
+            state = next((j for j in await qmp.execute(client, "query-jobs", None, timeout) if j.get("id") == job), None)
+            if state is None or state["status"] == "concluded":
+                break
+            if time.monotonic() >= deadline:
+                raise asyncio.TimeoutError("job %s did not conclude within %.0fs" % (job, timeout))
+            await asyncio.sleep(0.01)
+        for name, args in (("job-dismiss", {"id": job}), ("blockdev-del", {"node-name": mirror["node"]})):
+            try:
+                await qmp.execute(client, name, args, timeout)
+            except DaemonFailed:
+                pass  # already gone
+    finally:
+        try:
+            await client.disconnect()
+        except Exception:  # noqa: BLE001 - the session is gone either way
             pass
 
 

@@ -248,7 +248,7 @@ def deactivate(dbg: str, uri: str, domain: str) -> None:
             _log(v.store, "deactivate of %s for domain %s: mirror task %s %s after %.3fs", uri, domain,
                  mirror["task"], "not drained: " + problem if problem else "drained", time.monotonic() - started)
         if record.mirror is not None and mirrors.running_task(v.store, record.mirror) is None:
-            record.mirror = None
+            _drop_mirror(v.vols, record, daemon)
         record.domains[domain] = "attached"
         v.vols.save(record)
         if daemon is not None:
@@ -320,7 +320,9 @@ def _detach_locked(vols: Volumes, key: str, domain: str) -> bool:
                 _fail_mirror(vols.store, mirror, "Mirror failed: volume detached for domain %s while mirroring" % domain)
                 if daemon is not None and qsd.alive(daemon):
                     mirrors.abort(daemon["ctl"], mirror)
-            record.mirror = None
+                record.mirror = None
+            else:
+                _drop_mirror(vols, record, daemon)
         vols.save(record)
         if record.domains:
             return True
@@ -333,6 +335,17 @@ def _detach_locked(vols: Volumes, key: str, domain: str) -> bool:
     if not vols.queued_detaches(key):
         vols.release(key)
     return True
+
+
+def _drop_mirror(vols: Volumes, record: Record, daemon: Optional[Dict[str, Any]]) -> None:
+    """Forget a volume's finished mirror. One whose worker was lost may
+    have left its job running in the daemon: that job is ended first."""
+    from xapi_storage_tasks.data import mirror as mirrors
+
+    if record.mirror is not None and daemon is not None and qsd.alive(daemon) and mirrors.orphaned(vols.store, record.mirror):
+        _log(vols.store, "ending the job of mirror task %s, whose worker was lost", record.mirror["task"])
+        mirrors.abort(daemon["ctl"], record.mirror)
+    record.mirror = None
 
 
 def _fail_mirror(store: Store, mirror: Dict[str, str], message: str) -> None:
