@@ -265,3 +265,13 @@ def test_diagnostics_shows_volumes_and_their_daemons(state_dir, volumes, uri):
     assert dump["mirrors"] == []
     dp("detach", uri, "7")
     assert json.loads(run_bin("Plugin.diagnostics", {"dbg": "d"}).json)["volumes"] == []
+
+
+def test_detach_never_fails_even_with_an_unusable_state_dir(tmp_path, monkeypatch, uri):
+    bad = tmp_path / "not-a-dir"
+    bad.write_text("")
+    monkeypatch.setenv("TASK_STATE_DIR", str(bad))
+    res = dp("detach", uri, "7")
+    assert res.returncode == 0 and res.stdout == b"null\n"
+    assert b"could not be recorded" in res.stderr
+    assert dp("attach", uri, "7").error_name == "State_directory_invalid"

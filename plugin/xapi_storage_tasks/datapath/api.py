@@ -277,7 +277,15 @@ def detach(dbg: str, uri: str, domain: str) -> None:
     """Detach for ``domain``; stop the daemon after the last domain.
     Never fails: a busy volume or a daemon that will not stop is queued
     and finished later (by a detached process, or by the next call), and
-    the log says so."""
+    the log says so; what cannot even be queued (an unusable state
+    directory) is written to stderr, which the toolstack logs."""
+    try:
+        _detach(uri, domain)
+    except Exception as e:  # noqa: BLE001 - the one call that must never fail
+        sys.stderr.write("Datapath.detach of %r for domain %r could not be recorded: %s\n" % (uri, domain, e))
+
+
+def _detach(uri: str, domain: str) -> None:
     try:
         vol = schemes.parse(uri, must_exist=False)
         check_domain(domain)
