@@ -1,17 +1,17 @@
 # Developer entry points; see README.md.
 PYTHON ?= python3
-DEBS = qemu-utils nbdkit libnbd-bin rpm
-PIP_PACKAGES = psutil python-daemon pytest hypothesis vermin ruff mypy types-psutil
+DEBS = qemu-utils qemu-system-common nbdkit libnbd-bin rpm
+PIP_PACKAGES = psutil python-daemon qemu.qmp pytest hypothesis vermin ruff mypy types-psutil
 
-.PHONY: deps lint test demo bench rpm reliability
+.PHONY: deps lint test demo demo-copy bench rpm reliability
 
 # Everything the demo, the tests and the linters need (installed only when
 # missing): Python packages from PyPI and the
 # NBD servers/tools from Debian's packages (root needed for apt-get).
 deps:
-	@$(PYTHON) -c 'import psutil, daemon, pytest, hypothesis, vermin, ruff, mypy' 2>/dev/null || \
+	@$(PYTHON) -c 'import psutil, daemon, qemu.qmp, pytest, hypothesis, vermin, ruff, mypy' 2>/dev/null || \
 	  $(PYTHON) -m pip install --quiet --disable-pip-version-check --root-user-action=ignore $(PIP_PACKAGES)
-	@if ! command -v qemu-nbd >/dev/null || ! command -v nbdkit >/dev/null || ! command -v nbdcopy >/dev/null || ! command -v rpmbuild >/dev/null; then \
+	@if ! command -v qemu-nbd >/dev/null || ! command -v qemu-storage-daemon >/dev/null || ! command -v nbdkit >/dev/null || ! command -v nbdcopy >/dev/null || ! command -v rpmbuild >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBS); fi
 
 # Ruff (style, bugs, annotations) and mypy (types); settings in
@@ -23,8 +23,13 @@ lint:
 test:
 	$(PYTHON) -m pytest -q
 
+# A live storage migration, as the toolstack drives it (ends "identical").
 demo:
-	PYTHON=$(PYTHON) sh tools/demo.sh
+	PYTHON=$(PYTHON) sh tools/demo-migrate.sh
+
+# A Data.copy into an NBD target, watched with Task.stat.
+demo-copy:
+	PYTHON=$(PYTHON) sh tools/demo-copy.sh
 
 # Source RPM and noarch RPM from the working tree into ./rpmbuild/ (packaging/README.md).
 rpm:

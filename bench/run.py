@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
 
-SUITES = ("calls", "workers", "bench_copy", "bench_daemon")
+SUITES = ("calls", "workers", "bench_copy", "bench_daemon", "datapath")
 
 
 def main():
@@ -21,6 +21,7 @@ def main():
     parser.add_argument("--repeat", type=int, default=15, help="runs per figure (default 15)")
     parser.add_argument("--tasks", type=int, default=100_000, help="largest store for Task.ls/stat scaling")
     parser.add_argument("--copy-gib", type=float, default=2.0, help="size of the sparse copy image in GiB (half data)")
+    parser.add_argument("--mirror-mib", type=int, default=512, help="size of the mirrored image in MiB (half data)")
     parser.add_argument("--json", default=os.path.join(harness.ROOT, "bench", "results", "latest.json"),
                         help="where to write the results")
     args = parser.parse_args()

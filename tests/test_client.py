@@ -109,7 +109,8 @@ def test_errors_raise_the_plugin_error_classes_with_their_details(daemon, store,
         (lambda: c.Task.stat(dbg="d", id="../etc"), errors.InvalidArguments,
          ("parameter 'id' is not a valid task id: '../etc'",)),
         (lambda: c.Task.stat(dbg="d"), errors.InvalidArguments, ("missing parameter 'id'",)),
-        (lambda: c.Data.mirror(dbg="d", uri="file:///x", domain="0", remote="nbd://h/e"), errors.Unimplemented, ("Data.mirror",)),
+        (lambda: c.Data.mirror(dbg="d", uri="file:///x", domain="0", remote="nbd://h/e"), errors.InvalidArguments,
+         ("URI 'file:///x': scheme 'file' is not served here (served: qcow2+file, raw+file)",)),
     ]
     for call, cls, details in cases:
         with pytest.raises(cls) as caught:

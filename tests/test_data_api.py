@@ -58,9 +58,9 @@ def test_cancel_and_destroy_behave_as_their_task_twins(store):
     assert run_bin("Task.stat", {"dbg": "d", "id": done}).error_name == "Task_does_not_exist"
 
 
-def test_mirror_is_unimplemented(state_dir):
+def test_mirror_of_a_uri_no_datapath_serves_is_invalid(state_dir):
     res = run_bin("Data.mirror", {"dbg": "d", "uri": "file:///x", "domain": "0", "remote": "nbd://h/e"})
-    assert res.json["params"] == ["Unimplemented", "Data.mirror"]
+    assert res.error_name == "Invalid_arguments" and "not served here" in res.json["params"][1]
 
 
 @pytest.mark.parametrize(

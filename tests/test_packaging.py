@@ -18,10 +18,13 @@ import pytest
 from conftest import ROOT
 import xapi_storage_tasks
 from xapi_storage_tasks import registry
+from xapi_storage_tasks.datapath.schemes import SCHEMES
 
 NAME = "xapi-storage-tasks"
 SCRIPT_DIR = "/usr/libexec/xapi-storage-script"
-PLUGIN_DIR = SCRIPT_DIR + "/datapath/" + NAME
+DATAPATH_DIR = SCRIPT_DIR + "/datapath"
+PLUGIN_DIRS = [DATAPATH_DIR + "/" + scheme for scheme in sorted(SCHEMES)]  # one per scheme served
+PLUGIN_DIR = DATAPATH_DIR + "/raw+file"
 STATE_DIR = "/run/" + NAME
 TMPFILES = "/usr/lib/tmpfiles.d/%s.conf" % NAME
 UNIT = "/usr/lib/systemd/system/xapi-storage-tasksd.service"
@@ -104,7 +107,7 @@ def scratch_root(tmp_path_factory, rpm_file):
     return str(root)
 
 
-def call_installed(root, sitelib, method, params, state_dir):
+def call_installed(root, sitelib, method, params, state_dir, plugin_dir=PLUGIN_DIR):
     """The installed ``method --json``, run by this Python with the scratch
     root's site-packages (the scratch root has no Python of its own)."""
     env = {
@@ -113,7 +116,7 @@ def call_installed(root, sitelib, method, params, state_dir):
         "TASK_STATE_DIR": str(state_dir),
         "TASK_SYSLOG": "0",
     }
-    exe = root + PLUGIN_DIR + "/" + method
+    exe = root + plugin_dir + "/" + method
     proc = run([sys.executable, exe, "--json"], input=json.dumps(params).encode(), env=env, cwd="/", timeout=30)
     return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
 
@@ -184,13 +187,17 @@ def test_the_source_tarball_is_the_working_tree_not_the_last_commit(rpms):
 
 
 @needs_rpm
-def test_plugin_dir_holds_the_dispatcher_and_one_link_per_registered_method(listing):
-    inside = {p[len(PLUGIN_DIR) + 1:]: v for p, v in listing.items() if p.startswith(PLUGIN_DIR + "/")}
-    assert set(inside) == set(registry.METHODS) | {"dispatch"}
-    assert inside["dispatch"] == ("-rwxr-xr-x", "")
-    for method in registry.METHODS:
-        perms, target = inside[method]
-        assert perms.startswith("l") and target == "dispatch", (method, perms, target)
+def test_each_scheme_dir_holds_the_dispatcher_and_one_link_per_registered_method(listing):
+    assert {p for p in listing if os.path.dirname(p) == DATAPATH_DIR} == set(PLUGIN_DIRS)
+    assert {"raw+file", "qcow2+file"} <= set(SCHEMES)
+    for plugin_dir in PLUGIN_DIRS:
+        inside = {p[len(plugin_dir) + 1:]: v for p, v in listing.items() if p.startswith(plugin_dir + "/")}
+        assert set(inside) == set(registry.METHODS) | {"dispatch"}
+        assert {"Plugin.Query", "Datapath.attach", "Datapath.detach", "Data.mirror", "Data.stat", "Task.stat"} <= set(inside)
+        assert inside["dispatch"] == ("-rwxr-xr-x", "")
+        for method in registry.METHODS:
+            perms, target = inside[method]
+            assert perms.startswith("l") and target == "dispatch", (method, perms, target)
 
 
 @needs_rpm
@@ -198,16 +205,15 @@ def test_every_packaged_file_is_expected(listing, sitelib):
     modules = source_modules()
     expected = {
         SCRIPT_DIR,
-        SCRIPT_DIR + "/datapath",
-        PLUGIN_DIR,
-        PLUGIN_DIR + "/dispatch",
+        DATAPATH_DIR,
         TMPFILES,
         UNIT,
         DOC_DIR,
         DOC_DIR + "/README.md",
         DOC_DIR + "/README.packaging.md",
     }
-    expected |= {PLUGIN_DIR + "/" + m for m in registry.METHODS}
+    for plugin_dir in PLUGIN_DIRS:
+        expected |= {plugin_dir, plugin_dir + "/dispatch"} | {plugin_dir + "/" + m for m in registry.METHODS}
     for module in modules:
         expected.add(sitelib + "/" + module)
         package_dir = os.path.dirname(module)
@@ -229,8 +235,9 @@ def test_every_packaged_file_is_expected(listing, sitelib):
 @needs_rpm
 def test_requires(rpm_file):
     requires = set(check(["rpm", "-qpR", rpm_file]).splitlines())
-    assert {"python3", "python3-psutil", "python3-daemon"} <= requires
-    allowed = {"python3", "python3-psutil", "python3-daemon", "coreutils", "/bin/sh", "/usr/bin/python3"}
+    assert {"python3", "python3-psutil", "python3-daemon", "python3dist(qemu-qmp)", "/usr/bin/qemu-storage-daemon"} <= requires
+    allowed = {"python3", "python3-psutil", "python3-daemon", "python3dist(qemu-qmp)", "/usr/bin/qemu-storage-daemon",
+               "coreutils", "grep", "/bin/sh", "/usr/bin/python3"}
     for req in requires - allowed:
         assert re.match(r"^(rpmlib\(.*\)|python\(abi\)) ", req), req
 
@@ -333,9 +340,10 @@ def test_erase_leaves_no_file_of_the_package(tmp_path, rpm_file, listing, siteli
 
 
 def make_chroot(root):
-    tools = {"sh": "/bin/sh", "mkdir": shutil.which("mkdir"), "chmod": shutil.which("chmod"), "rm": shutil.which("rm")}
+    tools = {"sh": "/bin/sh", "mkdir": shutil.which("mkdir"), "chmod": shutil.which("chmod"), "rm": shutil.which("rm"),
+             "touch": shutil.which("touch"), "grep": shutil.which("grep")}
     if None in tools.values() or shutil.which("ldd") is None:
-        pytest.skip("needs /bin/sh, mkdir, chmod, rm and ldd to populate a scratch root")
+        pytest.skip("needs /bin/sh, mkdir, chmod, rm, touch, grep and ldd to populate a scratch root")
     for d in ("bin", "dev", "run", "tmp", "var/tmp"):
         os.makedirs(os.path.join(root, d), exist_ok=True)
     libs = set()
@@ -413,13 +421,22 @@ def test_installed_tmpfiles_snippet_creates_the_state_dir(tmp_path, rpm_file):
 
 
 @needs_rpm
-def test_plugin_name_can_be_chosen_at_build_time(tmp_path):
-    built = build(tmp_path, "--define", "plugin_name file")
-    files = check(["rpm", "-qlp", built["noarch"]]).split()
-    assert {p for p in files if p.startswith(SCRIPT_DIR + "/datapath/file/")} == {
-        SCRIPT_DIR + "/datapath/file/" + m for m in list(registry.METHODS) + ["dispatch"]
-    }
-    assert not [p for p in files if p.startswith(PLUGIN_DIR)]
+def test_installed_plugin_query_of_each_scheme_dir_registers_that_scheme(scratch_root, sitelib, tmp_path):
+    for plugin_dir in PLUGIN_DIRS:
+        status, out, err = call_installed(scratch_root, sitelib, "Plugin.Query", {"dbg": "register"}, tmp_path / "state",
+                                          plugin_dir=plugin_dir)
+        assert status == 0, err
+        answer = json.loads(out)
+        assert answer["plugin"] == os.path.basename(plugin_dir) and answer["required_api_version"] == "5.0"
+
+
+@needs_rpm
+def test_posttrans_makes_the_toolstack_look_again_at_our_dirs_only(rpm_file):
+    scripts = check(["rpm", "-qp", "--scripts", rpm_file])
+    posttrans = scripts.split("posttrans scriptlet", 1)[1]
+    # Each complete plugin directory is touched (an inotify event in the
+    # watched root), and only directories holding our dispatcher.
+    assert "touch -c \"$dir\"" in posttrans and "grep -q xapi_storage_tasks \"$dir/dispatch\"" in posttrans
 
 
 # ---------------------------------------------------------------------------

@@ -54,7 +54,8 @@ atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, True)
 
 METHODS = sorted(registry.METHODS)
 ERROR_NAMES = {"Task_does_not_exist", "Task_in_progress", "Task_corrupt", "Invalid_arguments", "Unimplemented",
-               "State_directory_invalid", "Internal_error"}
+               "State_directory_invalid", "Internal_error", "Volume_not_attached", "Volume_busy", "Volume_in_use",
+               "Storage_daemon_failed", "Storage_daemon_lost", "Mirror_failed"}
 SLOTS = ("done", "failed", "pending", "copy_done", "copy_pending", "corrupt", "absent")
 ABSENT = "01a222d6-2dae-7d19-96ed-88b4b83c3579"
 # Data.copy with well-typed params is only ever run with this source: its
@@ -326,6 +327,12 @@ def _result_ok(method, value):
         return isinstance(value, list) and len(value) == 2 and value[0] in codec.OPERATION_TAGS and ids.is_valid(value[1])
     if kind == "operation_list":
         return isinstance(value, list) and all(_result_ok("Data.copy", v) for v in value)
+    if kind == "query":
+        return isinstance(value, dict) and value.get("required_api_version") == "5.0"
+    if kind == "attach":
+        return isinstance(value, dict) and isinstance(value.get("implementations"), list)
+    if kind == "string":
+        return isinstance(value, str)
     if kind == "status":
         return (isinstance(value, dict) and set(value) == {"failed", "complete", "progress"}
                 and type(value["failed"]) is bool and type(value["complete"]) is bool and type(value["progress"]) is float)

@@ -17,6 +17,7 @@ inside the call (see :mod:`xapi_storage_tasks.tasks.api`).
 from __future__ import annotations
 
 from xapi_storage_tasks.data import api as data_api
+from xapi_storage_tasks.datapath import api as datapath_api
 from xapi_storage_tasks.tasks import api as task_api
 
 TYPE_CHECKING = False
@@ -69,6 +70,7 @@ DBG = (("dbg", "str"),)
 TASK_ID = DBG + (("id", "task_id"),)
 OPERATION = DBG + (("operation", "operation"),)
 MIRROR = DBG + (("uri", "str"), ("domain", "str"), ("remote", "str"))
+DATAPATH = DBG + (("uri", "str"), ("domain", "str"))
 
 
 def _table(*methods: Method) -> dict[str, Method]:
@@ -91,6 +93,13 @@ METHODS = _table(
     Method("Data.cancel", params=OPERATION, result="unit", impl=data_api.cancel, idempotent=True),
     Method("Data.destroy", params=OPERATION, result="unit", impl=data_api.destroy),
     Method("Data.ls", params=DBG, result="operation_list", impl=data_api.ls, idempotent=True),
+    Method("Plugin.Query", params=DBG, result="query", impl=datapath_api.query, idempotent=True),
+    Method("Plugin.diagnostics", params=DBG, result="string", impl=datapath_api.diagnostics, idempotent=True),
+    Method("Datapath.attach", params=DATAPATH, result="attach", impl=datapath_api.attach, idempotent=True),
+    Method("Datapath.activate", params=DATAPATH, result="unit", impl=datapath_api.activate, idempotent=True),
+    Method("Datapath.activate_readonly", params=DATAPATH, result="unit", impl=datapath_api.activate_readonly, idempotent=True),
+    Method("Datapath.deactivate", params=DATAPATH, result="unit", impl=datapath_api.deactivate, idempotent=True),
+    Method("Datapath.detach", params=DATAPATH, result="unit", impl=datapath_api.detach, idempotent=True),
 )
 """Every method, by its canonical name."""
 

@@ -34,6 +34,16 @@ NBD_CONNECTIONS = "TASK_NBD_CONNECTIONS"
 """Most connections a copy opens to an NBD server that allows several
 (NBD_FLAG_CAN_MULTI_CONN); 1 keeps every copy on one (default 4)."""
 
+DATAPATH_LOCK_WAIT = "TASK_DATAPATH_LOCK_WAIT"
+"""Seconds a Datapath call waits for another call on the same volume
+(default 30)."""
+
+MIRROR_DRAIN_TIMEOUT = "TASK_MIRROR_DRAIN_TIMEOUT"
+"""Seconds ``Datapath.deactivate`` may spend draining a mirror (default 10)."""
+
+QEMU_STORAGE_DAEMON = "TASK_QEMU_STORAGE_DAEMON"
+"""The qemu-storage-daemon executable (default: found on PATH)."""
+
 DEFAULT_CANCEL_GRACE = 5.0
 MAX_INPUT = 1 << 20
 """The largest params object or request body accepted, in bytes."""

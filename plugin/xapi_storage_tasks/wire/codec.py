@@ -304,10 +304,14 @@ def encode_result(kind: str, value: object) -> Json:
         return [encode_operation(k, i) for k, i in value]  # type: ignore[attr-defined]
     if kind == "status":
         return encode_status(value)
+    if kind in ("query", "attach"):  # records built to the wire's shape by their method
+        return dict(value)
+    if kind == "string":
+        return str(value)
     raise ValueError("unknown result kind %r" % kind)
 
 
-RESULT_KINDS = ("task", "unit", "id_list", "operation", "operation_list", "status")
+RESULT_KINDS = ("task", "unit", "id_list", "operation", "operation_list", "status", "query", "attach", "string")
 
 # Bytes that a JSON string cannot hold unescaped.
 _UNSAFE = bytes(range(32)) + b'"\\\x7f'

@@ -1,0 +1,277 @@
+"""Plugin.Query, Plugin.diagnostics and Datapath.* through the real
+executables, called the toolstack's way (``[script, "--json"]``, params on
+stdin without a newline), with real qemu-storage-daemons."""
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import BIN, run_bin
+from xapi_storage_tasks.nbd.protocol import Client
+from xapi_storage_tasks.process import identity
+
+pytestmark = pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None,
+                                reason="qemu-storage-daemon is not installed (make deps)")
+
+SIZE = 16 << 20
+NBD_URI = re.compile(r"^nbd:unix:([^:]+):exportname=([^:]+)$")
+QUERY_FIELDS = {"plugin": str, "name": str, "description": str, "vendor": str, "copyright": str, "version": str,
+                "required_api_version": str, "features": list, "configuration": dict, "required_cluster_stack": list}
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "disk.raw"
+    with open(path, "wb") as f:
+        f.truncate(SIZE)
+        f.write(b"\xa5" * 65536)
+    return str(path)
+
+
+@pytest.fixture
+def uri(image):
+    return "raw+file://" + image
+
+
+@pytest.fixture
+def volumes(state_dir):
+    """Every daemon a test leaves running is stopped (a test that failed
+    midway must not leak qemu-storage-daemons)."""
+    yield state_dir / "volumes"
+    for path in (state_dir / "volumes").glob("*.qsd") if (state_dir / "volumes").exists() else ():
+        ident = json.loads(path.read_text())["identity"]
+        identity.signal_worker(ident, signal.SIGKILL)
+
+
+def dp(method, uri, domain, **env):
+    return run_bin("Datapath." + method, {"dbg": "test", "uri": uri, "domain": domain},
+                   env=dict(os.environ, **env) if env else None)
+
+
+def daemons(volumes):
+    """The recorded daemons, as identities."""
+    return [json.loads(p.read_text())["identity"] for p in sorted(volumes.glob("*.qsd"))]
+
+
+def nbd_address(answer):
+    """(socket, export) of an attach answer, checked to be exactly the form
+    the toolstack parses."""
+    assert set(answer) == {"implementations"}
+    (impl,) = answer["implementations"]
+    assert impl[0] == "Nbd" and set(impl[1]) == {"uri"}
+    found = NBD_URI.match(impl[1]["uri"])
+    assert found, impl
+    return found.group(1), found.group(2)
+
+
+# -- registration --------------------------------------------------------------------
+
+
+def check_registration(answer):
+    """What xapi-storage-script checks before it registers a datapath."""
+    assert set(QUERY_FIELDS) <= set(answer)
+    for field, kind in QUERY_FIELDS.items():
+        assert isinstance(answer[field], kind), field
+    assert answer["required_api_version"] == "5.0"
+    assert all(isinstance(f, str) for f in answer["features"])
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in answer["configuration"].items())
+    assert all(isinstance(s, str) for s in answer["required_cluster_stack"])
+
+
+def test_plugin_query_has_every_field_the_toolstack_requires(state_dir):
+    res = run_bin("Plugin.Query", b'{"dbg": "register"}')
+    assert res.returncode == 0, res.stderr
+    check_registration(res.json)
+    # Only what we really support: neither open/close nor import_activate.
+    assert not {"NONPERSISTENT", "VDI_MIRROR_IN"} & set(res.json["features"])
+
+
+@pytest.mark.parametrize("scheme", ["raw+file", "qcow2+file"])
+def test_plugin_query_names_the_scheme_of_its_directory(state_dir, tmp_path, scheme):
+    directory = tmp_path / scheme
+    directory.mkdir()
+    os.symlink(os.path.join(BIN, "dispatch"), directory / "dispatch")
+    os.symlink("dispatch", directory / "Plugin.Query")
+    proc = subprocess.run([str(directory / "Plugin.Query"), "--json"], input=b'{"dbg":"register"}',
+                          capture_output=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    answer = json.loads(proc.stdout)
+    check_registration(answer)
+    assert answer["plugin"] == scheme
+
+
+# -- attach, activate, deactivate, detach ---------------------------------------------------
+
+
+def test_attach_answers_an_nbd_export_that_serves_the_volume(state_dir, volumes, image, uri):
+    res = dp("attach", uri, "7")
+    assert res.returncode == 0, res.stdout
+    sock, export = nbd_address(res.json)
+    assert os.path.dirname(sock) == str(volumes)
+    assert dp("activate", uri, "7").stdout == b"null\n"
+    with Client.connect("nbd+unix:///%s?socket=%s" % (export, sock)) as client:
+        assert client.size == SIZE
+        assert client.pread(4096, 0) == b"\xa5" * 4096
+        client.pwrite(b"guest data" * 100, 1 << 20)
+    assert dp("deactivate", uri, "7").stdout == b"null\n"  # flushes
+    with open(image, "rb") as f:
+        f.seek(1 << 20)
+        assert f.read(1000) == b"guest data" * 100
+    assert dp("detach", uri, "7").stdout == b"null\n"
+
+
+def test_every_call_is_idempotent_for_two_domains(state_dir, volumes, uri):
+    first = dp("attach", uri, "7").json
+    assert dp("attach", uri, "7").json == first
+    assert dp("attach", uri, "u0-mirror_abc").json == first  # one daemon serves every domain
+    (daemon,) = daemons(volumes)
+    for method in ("activate", "activate", "activate_readonly"):
+        assert dp(method, uri, "7" if method == "activate" else "u0-mirror_abc").stdout == b"null\n"
+    record = json.loads(next(volumes.glob("*.json")).read_text())
+    assert record["domains"] == {"7": "rw", "u0-mirror_abc": "ro"}
+    for _ in range(2):
+        assert dp("deactivate", uri, "u0-mirror_abc").stdout == b"null\n"
+        assert dp("detach", uri, "u0-mirror_abc").stdout == b"null\n"
+    # The guest still has it: the same daemon still serves.
+    assert daemons(volumes) == [daemon] and identity.matches(daemon)
+    assert json.loads(next(volumes.glob("*.json")).read_text())["domains"] == {"7": "rw"}
+    for _ in range(2):
+        assert dp("deactivate", uri, "7").stdout == b"null\n"
+    assert dp("activate", uri, "7").stdout == b"null\n"  # reactivation works too
+    assert dp("deactivate", uri, "7").stdout == b"null\n"
+    for _ in range(2):
+        assert dp("detach", uri, "7").stdout == b"null\n"
+    # The last detach stopped the daemon and left nothing behind.
+    assert identity.wait_gone(daemon, 10)
+    assert sorted(os.listdir(volumes)) == []
+
+
+def test_activate_needs_an_attach(state_dir, volumes, uri):
+    assert dp("activate", uri, "7").error_name == "Volume_not_attached"
+    assert daemons(volumes) == []
+
+
+def test_the_callers_pipes_reach_eof_while_the_daemon_runs(state_dir, volumes, uri):
+    proc = subprocess.Popen([os.path.join(BIN, "Datapath.attach"), "--json"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(json.dumps({"dbg": "t", "uri": uri, "domain": "3"}).encode(), timeout=30)
+    assert proc.returncode == 0, err
+    nbd_address(json.loads(out))
+    (daemon,) = daemons(volumes)
+    assert identity.matches(daemon)  # still serving after both pipes closed
+    assert dp("detach", uri, "3").stdout == b"null\n"
+
+
+def test_a_killed_daemon_is_reported_by_the_next_call(state_dir, volumes, uri):
+    dp("attach", uri, "7")
+    dp("activate", uri, "7")
+    (daemon,) = daemons(volumes)
+    os.kill(daemon["pid"], signal.SIGKILL)
+    assert identity.wait_gone(daemon, 10)
+    res = dp("activate", uri, "7")
+    assert res.error_name == "Storage_daemon_lost"
+    assert str(daemon["pid"]) in res.json["params"][1]
+    # Reported once; then the volume can be served again, and detach works.
+    fresh = dp("attach", uri, "7")
+    assert fresh.returncode == 0, fresh.stdout
+    (again,) = daemons(volumes)
+    assert again != daemon and identity.matches(again)
+    assert dp("detach", uri, "7").stdout == b"null\n"
+    assert identity.wait_gone(again, 10)
+
+
+def test_a_killed_daemon_does_not_make_detach_fail(state_dir, volumes, uri):
+    dp("attach", uri, "7")
+    (daemon,) = daemons(volumes)
+    os.kill(daemon["pid"], signal.SIGKILL)
+    assert identity.wait_gone(daemon, 10)
+    assert dp("detach", uri, "7").stdout == b"null\n"
+    assert os.listdir(volumes) == []
+    assert "is gone" in (state_dir / "logs" / "store.log").read_text()
+
+
+def test_a_busy_volume_makes_callers_wait_boundedly_and_detach_is_queued(state_dir, volumes, uri):
+    dp("attach", uri, "7")
+    (daemon,) = daemons(volumes)
+    (lock,) = volumes.glob("*.lock")
+    with open(lock, "r+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        busy = dp("activate", uri, "7", TASK_DATAPATH_LOCK_WAIT="0.2")
+        assert busy.error_name == "Volume_busy"
+        detached = dp("detach", uri, "7", TASK_DATAPATH_LOCK_WAIT="0.2")
+        assert detached.stdout == b"null\n"  # never fails: queued
+        assert list(volumes.glob("*.detach.*"))
+        assert identity.matches(daemon)
+    # Released: the detached finisher completes the detach.
+    assert identity.wait_gone(daemon, 30)
+    deadline = time.monotonic() + 30
+    while list(volumes.glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not list(volumes.glob("*.json")) and not list(volumes.glob("*.detach.*"))
+    assert "queued" in (state_dir / "logs" / "store.log").read_text()
+
+
+@pytest.mark.parametrize("bad", ["file:///x.raw", "raw+file://host/x.raw", "raw+file://relative", "raw+file:///no/such.raw",
+                                 "raw+file:///a/../b.raw"])
+def test_bad_uris_are_invalid_arguments(state_dir, bad):
+    for method in ("attach", "activate", "deactivate"):
+        assert dp(method, bad, "7").error_name == "Invalid_arguments"
+    assert dp("detach", bad, "7").stdout == b"null\n"  # never fails
+
+
+def test_bad_domains_are_invalid_arguments(state_dir, uri):
+    for domain in ("", "x" * 300, "a\nb"):
+        assert dp("attach", uri, domain).error_name == "Invalid_arguments"
+
+
+def test_qcow2_volumes_are_served(state_dir, volumes, tmp_path):
+    if shutil.which("qemu-img") is None:
+        pytest.skip("qemu-img is not installed")
+    image = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M"], check=True)
+    uri = "qcow2+file://" + str(image)
+    sock, export = nbd_address(dp("attach", uri, "9").json)
+    dp("activate", uri, "9")
+    with Client.connect("nbd+unix:///%s?socket=%s" % (export, sock)) as client:
+        assert client.size == 8 << 20  # the virtual size, not the file's
+        client.pwrite(b"q" * 65536, 65536)
+    dp("deactivate", uri, "9")
+    dp("detach", uri, "9")
+    raw = tmp_path / "out.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(raw)], check=True)
+    with open(raw, "rb") as f:
+        f.seek(65536)
+        assert f.read(65536) == b"q" * 65536
+
+
+def test_diagnostics_shows_volumes_and_their_daemons(state_dir, volumes, uri):
+    dp("attach", uri, "7")
+    dp("activate", uri, "7")
+    res = run_bin("Plugin.diagnostics", {"dbg": "d"})
+    assert res.returncode == 0
+    dump = json.loads(res.json)  # a readable text: indented JSON
+    (volume,) = dump["volumes"]
+    assert volume["uri"] == uri and volume["domains"] == {"7": "rw"}
+    daemon = volume["daemon"]
+    assert daemon["running"] is True and daemon["pid"] == daemons(volumes)[0]["pid"]
+    assert isinstance(daemon["rss"], int) and daemon["rss"] > 0 and isinstance(daemon["status"], str)
+    assert dump["mirrors"] == []
+    dp("detach", uri, "7")
+    assert json.loads(run_bin("Plugin.diagnostics", {"dbg": "d"}).json)["volumes"] == []
+
+
+def test_detach_never_fails_even_with_an_unusable_state_dir(tmp_path, monkeypatch, uri):
+    bad = tmp_path / "not-a-dir"
+    bad.write_text("")
+    monkeypatch.setenv("TASK_STATE_DIR", str(bad))
+    res = dp("detach", uri, "7")
+    assert res.returncode == 0 and res.stdout == b"null\n"
+    assert b"could not be recorded" in res.stderr
+    assert dp("attach", uri, "7").error_name == "State_directory_invalid"

@@ -1,0 +1,370 @@
+"""Data.mirror: live migration of a running disk as the toolstack drives
+it, through the real executables, a real qemu-storage-daemon, a guest
+process writing through the NBD export, and real NBD targets (qemu-nbd
+accepting one connection; nbdkit with a rate limit for a slow target)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, run_bin
+from xapi_storage_tasks.nbd.protocol import Client
+from xapi_storage_tasks.process import identity
+
+pytestmark = pytest.mark.skipif(
+    any(shutil.which(t) is None for t in ("qemu-storage-daemon", "qemu-nbd", "nbdkit")),
+    reason="needs qemu-storage-daemon, qemu-nbd and nbdkit (make deps)")
+
+SIZE = 32 << 20
+GUEST = "7"
+DOM0 = "u0-mirror_abc"
+WRITER = os.path.join(ROOT, "tools", "nbd-guest-writer.py")
+
+
+def wait_for(predicate, timeout=30.0, what="condition"):
+    """Poll ``predicate`` until true; fail after ``timeout`` (a bound on a
+    hang, not a timed assertion)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            pytest.fail("timed out waiting for " + what)
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def source(tmp_path):
+    path = tmp_path / "source.raw"
+    with open(path, "wb") as f:
+        f.write(os.urandom(SIZE // 2))
+        f.truncate(SIZE)
+    return str(path)
+
+
+@pytest.fixture
+def uri(source):
+    return "raw+file://" + source
+
+
+@pytest.fixture
+def servers():
+    """Processes the test starts; killed at the end whatever happened."""
+    procs = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def volumes(state_dir):
+    yield state_dir / "volumes"
+    if (state_dir / "volumes").exists():
+        for path in (state_dir / "volumes").glob("*.qsd"):
+            identity.signal_worker(json.loads(path.read_text())["identity"], signal.SIGKILL)
+
+
+def qemu_nbd_target(servers, tmp_path):
+    """A qemu-nbd serving an empty image that accepts ONE connection (it
+    exits when that client goes, as the toolstack's proxy does)."""
+    image, sock = tmp_path / "target.raw", tmp_path / "target.sock"
+    with open(image, "wb") as f:
+        f.truncate(SIZE)
+    servers.append(subprocess.Popen(["qemu-nbd", "-f", "raw", "--socket", str(sock), "-x", "dst", str(image)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    wait_for(sock.exists, what="qemu-nbd's socket")
+    return str(image), "nbd+unix:///dst?socket=%s" % sock
+
+
+def slow_target(servers, tmp_path, rate="8M", name="slow"):
+    """nbdkit's memory disk behind a rate limit: a sync that takes seconds."""
+    sock = tmp_path / (name + ".sock")
+    proc = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "--filter=rate", "memory", str(SIZE), "rate=" + rate],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    servers.append(proc)
+    wait_for(sock.exists, what="nbdkit's socket")
+    return proc, "nbd+unix:///?socket=%s" % sock
+
+
+def dp(method, uri, domain, **env):
+    return run_bin("Datapath." + method, {"dbg": "t", "uri": uri, "domain": domain},
+                   env=dict(os.environ, **env) if env else None)
+
+
+def attach_guest(uri):
+    """The guest's attach and activate; returns its NBD URI."""
+    answer = dp("attach", uri, GUEST)
+    assert answer.returncode == 0, answer.stdout
+    assert dp("activate", uri, GUEST).stdout == b"null\n"
+    return answer.json["implementations"][0][1]["uri"]
+
+
+def start_mirror(uri, remote):
+    res = run_bin("Data.mirror", {"dbg": "t", "uri": uri, "domain": GUEST, "remote": remote})
+    assert res.returncode == 0, res.stdout
+    op = res.json
+    assert op[0] == "MirrorV1"
+    return op
+
+
+def data_stat(op):
+    res = run_bin("Data.stat", {"dbg": "t", "operation": op})
+    assert res.returncode == 0, res.stdout
+    return res.json
+
+
+def task_state(op):
+    return run_bin("Task.stat", {"dbg": "t", "id": op[1]}).json["state"]
+
+
+class Guest:
+    """A guest process writing random blocks through the export."""
+
+    def __init__(self, nbd_uri, tmp_path):
+        self.count_file = str(tmp_path / "writes")
+        self.proc = subprocess.Popen([sys.executable, WRITER, nbd_uri, str(SIZE), self.count_file],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def writes(self):
+        try:
+            with open(self.count_file) as f:
+                return int(f.read() or 0)
+        except FileNotFoundError:
+            return 0
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        out, err = self.proc.communicate(timeout=30)
+        assert self.proc.returncode == 0, err
+        return int(out)
+
+
+def test_live_migration_as_the_toolstack_does_it(state_dir, volumes, tmp_path, source, uri, servers):
+    target, remote = qemu_nbd_target(servers, tmp_path)
+    guest = Guest(attach_guest(uri), tmp_path)
+    wait_for(lambda: guest.writes() >= 20, what="the guest to write")
+    assert dp("attach", uri, DOM0).returncode == 0  # the dom0 mirror dp: attached, not activated
+    began = time.monotonic()
+    op = start_mirror(uri, remote)
+    assert task_state(op)[0] == "Pending"
+    assert op[1] in run_bin("Task.ls", {"dbg": "t"}).json
+    assert op in run_bin("Data.ls", {"dbg": "t"}).json
+    # mirror_wait: Data.stat back to back, no sleep, until complete.
+    polls, progress = 0, []
+    while True:
+        status = data_stat(op)
+        polls += 1
+        assert set(status) <= {"failed", "complete", "progress"} and type(status["failed"]) is bool
+        assert not (status["failed"] and status["complete"])
+        if "progress" in status:
+            assert type(status["progress"]) is float and 0.0 <= status["progress"] <= 1.0
+            progress.append(status["progress"])
+        if status["complete"]:
+            break
+        assert not status["failed"], status
+    synced = time.monotonic() - began
+    assert progress == sorted(progress)  # never goes back
+    assert task_state(op)[0] == "Pending"  # mirroring goes on
+    # The guest keeps writing; the dom0 dp goes; the mirror survives it.
+    writes = guest.writes()
+    wait_for(lambda: guest.writes() >= writes + 50, what="more guest writes")
+    assert dp("detach", uri, DOM0).stdout == b"null\n"
+    wait_for(lambda: guest.writes() >= writes + 100, what="more guest writes")
+    assert data_stat(op) == {"failed": False, "complete": True, "progress": 1.0}
+    total = guest.stop()
+    drain_began = time.monotonic()
+    assert dp("deactivate", uri, GUEST).stdout == b"null\n"
+    drained = time.monotonic() - drain_began
+    state = task_state(op)
+    assert state[0] == "Completed", state
+    assert data_stat(op) == {"failed": False, "complete": True, "progress": 1.0}
+    servers[0].wait(timeout=30)  # qemu-nbd exits once the mirror's one connection is gone
+    with open(source, "rb") as a, open(target, "rb") as b:
+        assert a.read() == b.read()
+    assert dp("detach", uri, GUEST).stdout == b"null\n"
+    assert os.listdir(volumes) == []
+    print("\nmigration: %d guest writes, %d Data.stat polls, progress %s, complete after %.3fs, deactivate drained in %.3fs"
+          % (total, polls, [round(p, 3) for p in progress[:: max(1, len(progress) // 8)]], synced, drained))
+
+
+def test_target_killed_mid_sync_fails_the_mirror_and_the_volume_detaches(state_dir, volumes, tmp_path, uri, servers):
+    attach_guest(uri)
+    server, remote = slow_target(servers, tmp_path)
+    op = start_mirror(uri, remote)
+    wait_for(lambda: data_stat(op).get("progress", 0) > 0, what="progress")
+    server.kill()
+    wait_for(lambda: data_stat(op)["failed"], what="Data.stat to say failed")
+    assert data_stat(op) == {"failed": True, "complete": False, "progress": 0.0}
+    state = task_state(op)
+    assert state[0] == "Failed" and "mirror" in state[1]
+    assert dp("deactivate", uri, GUEST).stdout == b"null\n"
+    assert dp("detach", uri, GUEST).stdout == b"null\n"
+    assert os.listdir(volumes) == []
+
+
+def test_cancel_mid_sync_stops_the_mirror_and_the_volume_keeps_serving(state_dir, volumes, tmp_path, uri, servers):
+    nbd_uri = attach_guest(uri)
+    _, remote = slow_target(servers, tmp_path)
+    op = start_mirror(uri, remote)
+    wait_for(lambda: data_stat(op).get("progress", 0) > 0, what="progress")
+    assert run_bin("Data.cancel", {"dbg": "t", "operation": op}).stdout == b"null\n"
+    wait_for(lambda: task_state(op)[0] != "Pending", what="the cancel")
+    assert task_state(op) == ["Failed", "Cancelled"]
+    assert data_stat(op)["failed"] is True
+    with Client.connect(nbd_uri) as client:  # the guest's volume still serves
+        client.pwrite(b"after" * 100, 0)
+        assert client.pread(500, 0) == b"after" * 100
+    # A new mirror may start once the old one is gone.
+    _, again = slow_target(servers, tmp_path, name="again")
+    assert start_mirror(uri, again) != op
+    assert dp("detach", uri, GUEST).stdout == b"null\n"  # detach without deactivate: the mirror ends too
+    assert os.listdir(volumes) == []
+
+
+def test_a_killed_daemon_fails_the_mirror_and_is_reported(state_dir, volumes, tmp_path, uri, servers):
+    attach_guest(uri)
+    _, remote = slow_target(servers, tmp_path)
+    op = start_mirror(uri, remote)
+    (daemon,) = [json.loads(p.read_text())["identity"] for p in volumes.glob("*.qsd")]
+    os.kill(daemon["pid"], signal.SIGKILL)
+    wait_for(lambda: task_state(op)[0] == "Failed", what="the mirror to fail")
+    assert data_stat(op)["failed"] is True
+    assert dp("deactivate", uri, GUEST).error_name == "Storage_daemon_lost"
+    assert dp("detach", uri, GUEST).stdout == b"null\n"
+    assert os.listdir(volumes) == []
+
+
+def test_a_drain_that_cannot_finish_fails_the_mirror_in_bounded_time(state_dir, volumes, tmp_path, uri, servers):
+    attach_guest(uri)
+    _, remote = slow_target(servers, tmp_path)
+    op = start_mirror(uri, remote)
+    res = dp("deactivate", uri, GUEST, TASK_MIRROR_DRAIN_TIMEOUT="0.5")
+    assert res.error_name == "Mirror_failed" and "did not drain within" in res.json["params"][1]
+    state = task_state(op)
+    assert state[0] == "Failed" and state[1].startswith("Mirror drain failed")
+    assert data_stat(op)["failed"] is True
+    assert dp("deactivate", uri, GUEST).stdout == b"null\n"  # done already: idempotent
+    assert dp("detach", uri, GUEST).stdout == b"null\n"
+    assert os.listdir(volumes) == []
+
+
+def test_copy_of_a_volume_being_mirrored_is_refused(state_dir, volumes, tmp_path, source, uri, servers):
+    attach_guest(uri)
+    _, remote = slow_target(servers, tmp_path)
+    op = start_mirror(uri, remote)
+    for copy_uri in (uri, "file://" + source):
+        res = run_bin("Data.copy", {"dbg": "t", "uri": copy_uri, "domain": "0", "remote": str(tmp_path / "copy.raw"),
+                                    "blocklist": None})
+        assert res.error_name == "Volume_in_use" and op[1] in res.json["params"][1]
+    # Asked again for the same remote, Data.mirror answers the same task.
+    assert start_mirror(uri, remote) == op
+    dp("detach", uri, GUEST)
+
+
+def test_mirror_needs_an_attached_volume_and_a_valid_remote(state_dir, volumes, uri):
+    res = run_bin("Data.mirror", {"dbg": "t", "uri": uri, "domain": GUEST, "remote": "nbd+unix:///x?socket=/nonexistent"})
+    assert res.error_name == "Volume_not_attached"
+    attach_guest(uri)
+    res = run_bin("Data.mirror", {"dbg": "t", "uri": uri, "domain": GUEST, "remote": "http://x"})
+    assert res.error_name == "Invalid_arguments"
+    assert run_bin("Task.ls", {"dbg": "t"}).json == []
+    # An unreachable target: the task fails with QEMU's reason.
+    op = start_mirror(uri, "nbd+unix:///x?socket=/nonexistent/sock")
+    wait_for(lambda: task_state(op)[0] == "Failed", what="the mirror to fail")
+    assert "/nonexistent/sock" in task_state(op)[1]
+    dp("detach", uri, GUEST)
+
+
+def qmp_jobs(volumes):
+    """The jobs in the volume's storage daemon, through its control socket."""
+    from xapi_storage_tasks.datapath import qmp
+
+    (ctl,) = volumes.glob("*.ctl")
+    return qmp.run(str(ctl), [("query-jobs", None)])[0]
+
+
+def test_a_killed_mirror_worker_fails_the_task_and_its_job_is_ended(state_dir, volumes, tmp_path, uri, servers, store):
+    attach_guest(uri)
+    # Fast enough that ending the job (which waits for its writes in
+    # flight) is quick, slow enough that the worker dies mid-sync.
+    _, remote = slow_target(servers, tmp_path, rate="64M")
+    op = start_mirror(uri, remote)
+    wait_for(lambda: qmp_jobs(volumes), what="the mirror job")
+    worker = store.get(op[1]).worker
+    os.kill(worker["pid"], signal.SIGKILL)
+    assert identity.wait_gone(worker, 10)
+    assert data_stat(op)["failed"] is True
+    assert task_state(op)[1].startswith("Worker lost")
+    assert qmp_jobs(volumes)  # nobody ended it yet
+    assert dp("deactivate", uri, GUEST).stdout == b"null\n"
+    assert qmp_jobs(volumes) == []  # the deactivate did
+    assert "whose worker was lost" in (state_dir / "logs" / "store.log").read_text()
+    assert dp("detach", uri, GUEST).stdout == b"null\n"
+
+
+def test_active_mirroring_converges_while_the_guest_outpaces_the_target(state_dir, volumes, tmp_path, source, uri, servers):
+    guest = Guest(attach_guest(uri), tmp_path)
+    wait_for(lambda: guest.writes() >= 20, what="the guest to write")
+    _, remote = slow_target(servers, tmp_path, rate="16M")  # slower than the guest alone writes
+    op = start_mirror(uri, remote)
+    wait_for(lambda: data_stat(op)["complete"], timeout=120, what="the mirror to converge")
+    writes = guest.writes()
+    wait_for(lambda: guest.writes() > writes, what="the guest to go on writing")
+    assert data_stat(op) == {"failed": False, "complete": True, "progress": 1.0}
+    dump = json.loads(run_bin("Plugin.diagnostics", {"dbg": "t"}).json)
+    assert [(m["task"], m["ready"]) for m in dump["mirrors"]] == [(op[1], True)]
+    guest.stop()
+    assert dp("deactivate", uri, GUEST).stdout == b"null\n"
+    assert task_state(op)[0] == "Completed"
+    assert dp("detach", uri, GUEST).stdout == b"null\n"
+
+
+def untracked_daemons(state_dir):
+    """qemu-storage-daemons serving this state directory that no record names."""
+    import psutil
+
+    tracked = set()
+    if (state_dir / "volumes").exists():
+        tracked = {json.loads(p.read_text())["identity"]["pid"] for p in (state_dir / "volumes").glob("*.qsd")}
+    found = set()
+    for proc in psutil.process_iter(["pid", "name", "cmdline", "status"]):
+        if proc.info["name"] == "qemu-storage-daemon" and proc.info["status"] != psutil.STATUS_ZOMBIE \
+                and any(str(state_dir) in arg for arg in proc.info["cmdline"] or ()):
+            found.add(proc.info["pid"])
+    return found - tracked
+
+
+@pytest.mark.parametrize("method", ["attach", "detach", "mirror"])
+def test_callers_killed_at_random_points_leave_nothing_untracked(state_dir, volumes, tmp_path, uri, servers, method):
+    import random
+
+    _, remote = slow_target(servers, tmp_path, rate="1G")
+    rng = random.Random(11)
+    for _ in range(8):
+        if method != "attach":
+            dp("attach", uri, GUEST)
+        if method == "mirror":
+            args, params = "Data.mirror", {"dbg": "t", "uri": uri, "domain": GUEST, "remote": remote}
+        else:
+            args, params = "Datapath." + method, {"dbg": "t", "uri": uri, "domain": GUEST}
+        proc = subprocess.Popen([os.path.join(ROOT, "bin", args), "--json"], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc.stdin.write(json.dumps(params).encode())
+        proc.stdin.close()
+        time.sleep(rng.uniform(0, 0.2))
+        proc.kill()
+        proc.wait()
+        assert untracked_daemons(state_dir) == set()
+        assert dp("detach", uri, GUEST).stdout == b"null\n"  # the way out, whatever state was left
+    assert untracked_daemons(state_dir) == set()
+    assert not list(volumes.glob("*.qsd"))
+    # No task is left Pending for ever: every mirror started was ended by the detach.
+    for task_id in run_bin("Task.ls", {"dbg": "t"}).json:
+        wait_for(lambda t=task_id: run_bin("Task.stat", {"dbg": "t", "id": t}).json["state"][0] != "Pending", timeout=60,
+                 what="task %s to end" % task_id)
