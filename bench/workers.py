@@ -22,7 +22,7 @@ from harness import BIN, ROOT, bench_env, row, time_command
 sys.path[:0] = [os.path.join(ROOT, "plugin"), os.path.join(ROOT, "tests")]
 
 from ops import write_steps  # noqa: E402
-from xapi_storage_tasks.process import identity as proc
+from xapi_storage_tasks.process import identity
 from xapi_storage_tasks.tasks import worker  # noqa: E402
 from xapi_storage_tasks.tasks.state import Pending  # noqa: E402
 from xapi_storage_tasks.tasks.store import Store  # noqa: E402
@@ -46,7 +46,7 @@ def _cancel_latency(state, tmp, env, repeat):
                 time.sleep(0.0005)
             samples.append(time.perf_counter() - t0)
             assert store.get(task_id).state.message == "Cancelled"
-            proc.wait_gone(store.get(task_id).worker, 10)
+            identity.wait_gone(store.get(task_id).worker, 10)
     return samples
 
 

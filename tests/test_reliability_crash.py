@@ -41,7 +41,7 @@ from faults import (
 )
 from ops import write_steps
 from xapi_storage_tasks.tasks import log
-from xapi_storage_tasks.process import identity as proc
+from xapi_storage_tasks.process import identity
 from xapi_storage_tasks.tasks import api as task_api
 from xapi_storage_tasks.tasks import worker
 from xapi_storage_tasks.wire.errors import TaskDoesNotExist
@@ -134,7 +134,7 @@ def test_worker_killed_at_every_store_write(crash_store, state_dir, tmp_path):
         tid = worker.start("trace", write_steps, {"path": str(tmp_path / "trace.out"), "steps": 2, "delay": 0.01}, store=crash_store)
     finally:
         xapi_storage_tasks.tasks.store.os = REAL_OS
-    assert proc.wait_gone(crash_store.get(tid).worker, 10)
+    assert identity.wait_gone(crash_store.get(tid).worker, 10)
     with open(trace) as f:
         points = len(f.readlines())
     assert points >= 20, "the worker made %d store writes" % points
@@ -149,7 +149,7 @@ def test_worker_killed_at_every_store_write(crash_store, state_dir, tmp_path):
                 xapi_storage_tasks.tasks.store.os = REAL_OS
             ident = crash_store.get(tid).worker
             if ident is not None:
-                assert proc.wait_gone(ident, 10)
+                assert identity.wait_gone(ident, 10)
             declared = _declared(state_dir, tid)
             state = _check_after(state_dir, tid, out, 2, declared, real_stat=(trials % 10 == 0), stats=stats)
             if state[0] == "Failed" and os.path.exists(out):
@@ -184,7 +184,7 @@ def test_worker_killed_at_random_times(crash_store, state_dir, tmp_path):
                     item["killed"] = True
                     # Workers that exited stay zombies where init does not reap:
                     # count as a fault only a kill of a process still running.
-                    if proc.matches(item["ident"]) and pidfd_kill(item["pidfd"]):
+                    if identity.matches(item["ident"]) and pidfd_kill(item["pidfd"]):
                         killed_running += 1
                     else:
                         pidfd_kill(item["pidfd"])
@@ -197,7 +197,7 @@ def test_worker_killed_at_random_times(crash_store, state_dir, tmp_path):
             pidfd = None
             try:
                 pidfd = os.pidfd_open(ident["pid"])
-                if not proc.matches(ident):  # exited (and the pid maybe reused) already
+                if not identity.matches(ident):  # exited (and the pid maybe reused) already
                     os.close(pidfd)
                     pidfd = None
             except ProcessLookupError:
@@ -230,7 +230,7 @@ def _writer(path, ids, arts, complete_at, ack_fd):
     each write on ``ack_fd``. Task 0 completes at iteration complete_at."""
     os.setpgid(0, 0)
     with Store(path) as s:
-        me = proc.identity()
+        me = identity.identity()
         for tid, art in zip(ids, arts):
             def adopt(t, art=art):
                 t.worker = me
@@ -342,7 +342,7 @@ def _calibrate(method, params, runs=3):
 
 def _wait_worker_end(ident, timeout=15):
     if ident is not None:
-        assert proc.wait_gone(ident, timeout), "worker %d still running" % ident["pid"]
+        assert identity.wait_gone(ident, timeout), "worker %d still running" % ident["pid"]
 
 
 def _settle(state_dir, task_id, ident, out, steps, stats, real):
@@ -350,7 +350,7 @@ def _settle(state_dir, task_id, ident, out, steps, stats, real):
     escalation of a later stat; then the task is terminal and a Failed one
     kept no artifact."""
     deadline = time.monotonic() + 15
-    while proc.matches(ident) and time.monotonic() < deadline:
+    while identity.matches(ident) and time.monotonic() < deadline:
         task_api.stat("settle", task_id)  # after the grace this SIGKILLs a cancelled worker
         time.sleep(0.05)
     _wait_worker_end(ident)

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import BIN, ROOT
 from faults import dead_identity, kill_live_workers, report, tree
-from xapi_storage_tasks.process import identity as proc
+from xapi_storage_tasks.process import identity
 from xapi_storage_tasks.tasks.state import Completed
 from xapi_storage_tasks.tasks.store import Store
 
@@ -96,7 +96,7 @@ def test_modes_after_real_worker_runs(tmp_path, monkeypatch):
                 except Exception:
                     continue
                 if ident:
-                    proc.wait_gone(ident, 10)
+                    identity.wait_gone(ident, 10)
 
 
 def _populate(path):

@@ -15,17 +15,20 @@ import os
 import select
 import signal
 import time
+from typing import Any, Dict, List, Optional
+
+Identity = Dict[str, Any]
 
 _BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
 
-def boot_id():
+def boot_id() -> str:
     """This boot's id."""
     with open(_BOOT_ID_PATH) as f:
         return f.read().strip()
 
 
-def _stat_fields(pid):
+def _stat_fields(pid: int) -> Optional[List[bytes]]:
     """Fields 3.. of /proc/PID/stat (state first), or None if no such
     process. The command name may hold spaces and parentheses, so split
     after the last ')'."""
@@ -37,7 +40,7 @@ def _stat_fields(pid):
     return data[data.rindex(b")") + 2:].split()
 
 
-def identity(pid=None):
+def identity(pid: Optional[int] = None) -> Optional[Identity]:
     """The identity of ``pid`` (default: this process), or None if it is
     gone."""
     pid = os.getpid() if pid is None else pid
@@ -50,7 +53,7 @@ def identity(pid=None):
 PID_MAX = 1 << 22  # the kernel's PID_MAX_LIMIT
 
 
-def _well_formed(ident):
+def _well_formed(ident: Any) -> bool:
     try:
         return (
             all(type(ident[k]) is int for k in ("pid", "start", "pgid"))
@@ -63,7 +66,7 @@ def _well_formed(ident):
         return False
 
 
-def matches(ident):
+def matches(ident: Any) -> bool:
     """True when ``ident`` names a live process of this boot, whose pid has
     not been reused (same start time) and which is not a zombie."""
     if not _well_formed(ident) or ident["boot_id"] != boot_id():
@@ -77,7 +80,7 @@ def matches(ident):
     )
 
 
-def refusal(ident):
+def refusal(ident: Any) -> Optional[str]:
     """Why ``ident`` must never be signalled, or None."""
     if not _well_formed(ident):
         return "malformed identity"
@@ -88,7 +91,7 @@ def refusal(ident):
     return None
 
 
-def signal_worker(ident, sig):
+def signal_worker(ident: Identity, sig: int) -> bool:
     """Send ``sig`` to the worker's process group, only if ``ident`` still
     names the same live process. Returns True if it was signalled.
 
@@ -126,11 +129,11 @@ def signal_worker(ident, sig):
             os.close(pidfd)
 
 
-def _exited(pidfd, timeout):
+def _exited(pidfd: int, timeout: float) -> bool:
     return bool(select.select([pidfd], [], [], timeout)[0])
 
 
-def wait_gone(ident, timeout):
+def wait_gone(ident: Identity, timeout: float) -> bool:
     """Wait up to ``timeout`` seconds for the process to be gone (exited or
     a zombie); True if it is."""
     deadline = time.monotonic() + timeout

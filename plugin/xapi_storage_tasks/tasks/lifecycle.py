@@ -15,15 +15,20 @@ Used by ``Task.*`` and ``Data.*`` alike. The rules:
 import os
 import signal
 import time
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from xapi_storage_tasks import settings
 from xapi_storage_tasks.tasks import log
-from xapi_storage_tasks.process import identity as proc
+from xapi_storage_tasks.process import identity
 from xapi_storage_tasks.wire.errors import InternalError, TaskCorrupt, TaskDoesNotExist
-from xapi_storage_tasks.tasks.state import CANCELLED, Failed
+from xapi_storage_tasks.tasks.record import Task
+from xapi_storage_tasks.tasks.state import CANCELLED, Failed, State
+from xapi_storage_tasks.tasks.store import Store
 
 START_TIMEOUT = 30.0
-def remove_artifacts(paths):
+
+
+def remove_artifacts(paths: Sequence[str]) -> List[Tuple[str, str]]:
     """Remove declared artifacts, newest first; missing ones are fine.
     Returns the ``(path, error)`` pairs that could not be removed."""
     failures = []
@@ -36,13 +41,13 @@ def remove_artifacts(paths):
             try:
                 os.rmdir(path)
             except OSError as e:
-                failures.append((path, e.strerror))
+                failures.append((path, e.strerror or str(e)))
         except OSError as e:
-            failures.append((path, e.strerror))
+            failures.append((path, e.strerror or str(e)))
     return failures
 
 
-def fail_and_undo(store, task, message):
+def fail_and_undo(store: Store, task: Task, message: str) -> State:
     """Under the task's lock (inside a ``transition`` decide callback):
     remove the task's artifacts and return the Failed state to store."""
     for path, why in remove_artifacts(task.artifacts):
@@ -52,13 +57,13 @@ def fail_and_undo(store, task, message):
     return Failed(message)
 
 
-def _live(worker):
+def _live(worker: Optional[identity.Identity]) -> bool:
     """The recorded worker is alive, and is one we could signal (a forged
     identity naming some other live process counts as lost)."""
-    return proc.matches(worker) and proc.refusal(worker) is None
+    return identity.matches(worker) and identity.refusal(worker) is None
 
 
-def _needs_action(task, now):
+def _needs_action(task: Task, now: float) -> bool:
     if task.state.terminal:
         return False
     worker = task.worker
@@ -69,24 +74,25 @@ def _needs_action(task, now):
     return task.cancel is not None and now - task.cancel >= settings.cancel_grace()
 
 
-def _decide(store):
-    def decide(task):
+def _decide(store: Store) -> Callable[[Task], Optional[State]]:
+    def decide(task: Task) -> Optional[State]:
         now = time.time()
         if not _needs_action(task, now):
             return None
         worker = task.worker
         if worker is not None and _live(worker):
             # Overdue after a cancel: SIGKILL cannot be ignored.
-            log.task_event(store, task, "worker pid %d ignored SIGTERM for %.1fs: SIGKILL" % (worker["pid"], now - task.cancel))
-            proc.signal_worker(worker, signal.SIGKILL)
-            if not proc.wait_gone(worker, 2.0):
+            waited = now - (task.cancel or now)
+            log.task_event(store, task, "worker pid %d ignored SIGTERM for %.1fs: SIGKILL" % (worker["pid"], waited))
+            identity.signal_worker(worker, signal.SIGKILL)
+            if not identity.wait_gone(worker, 2.0):
                 return None
         if task.cancel is not None:
             message = CANCELLED
         elif worker is None:
             message = "Worker lost: it never started"
-        elif proc.matches(worker):
-            message = "Worker lost: recorded identity is not a worker (%s)" % proc.refusal(worker)
+        elif identity.matches(worker):
+            message = "Worker lost: recorded identity is not a worker (%s)" % identity.refusal(worker)
         else:
             message = "Worker lost: process %s is gone" % worker.get("pid")
         return fail_and_undo(store, task, message)
@@ -94,7 +100,7 @@ def _decide(store):
     return decide
 
 
-def reconcile(store, task_id):
+def reconcile(store: Store, task_id: str) -> Task:
     """Return the task, first making its state true to its worker's."""
     task = store.get(task_id)
     if not _needs_action(task, time.time()):
@@ -102,7 +108,7 @@ def reconcile(store, task_id):
     return store.transition(task_id, _decide(store))
 
 
-def reconcile_pending(store):
+def reconcile_pending(store: Store) -> None:
     """Reconcile every task marked Pending (for ``ls``); drop stale
     markers and temporary files. Unreadable tasks are left for ``stat`` to
     report."""
@@ -119,7 +125,7 @@ def reconcile_pending(store):
             log.store_event(store, "could not reconcile task %s: %s" % (task_id, e))
 
 
-def request_cancel(store, task_id):
+def request_cancel(store: Store, task_id: str) -> Task:
     """Durably mark the cancel request, then SIGTERM the verified worker.
     A finished task is left alone. Returns the task."""
     task = reconcile(store, task_id)
@@ -127,7 +133,7 @@ def request_cancel(store, task_id):
         return task
     first = task.cancel is None
 
-    def mark(t):
+    def mark(t: Task) -> None:
         if t.cancel is None:
             t.cancel = time.time()
 
@@ -136,18 +142,19 @@ def request_cancel(store, task_id):
     if task.worker is None:
         log.task_event(store, task, "cancel requested before the worker started")
         return task  # the worker honours it as soon as it records itself
-    signalled = proc.signal_worker(task.worker, signal.SIGTERM)
-    log.task_event(store, task, "cancel requested: SIGTERM to pid %s %s" % (task.worker.get("pid"), "sent" if signalled else "not sent (worker gone)"))
+    signalled = identity.signal_worker(task.worker, signal.SIGTERM)
+    outcome = "sent" if signalled else "not sent (worker gone)"
+    log.task_event(store, task, "cancel requested: SIGTERM to pid %s %s" % (task.worker.get("pid"), outcome))
     if not signalled:
         return reconcile(store, task_id)
     if first:
-        from xapi_storage_tasks.tasks import worker
+        from xapi_storage_tasks.tasks import watchdog  # only a first cancel pays for it
 
-        worker.spawn_escalator(store.path, task_id, settings.cancel_grace())
+        watchdog.start(store.path, task_id, settings.cancel_grace(), reconcile)
     return task
 
 
-def destroy(store, task_id):
+def destroy(store: Store, task_id: str) -> None:
     """Remove every trace of a finished task; a Pending one whose worker is
     gone is reconciled first, a live one is refused (TaskInProgress)."""
     try:

@@ -12,6 +12,9 @@ One plain, versioned JSON object per task (never pickle):
                  removed if it does not complete
 """
 
+from typing import Any, Dict, Iterable, Optional
+
+from xapi_storage_tasks.tasks.state import State
 from xapi_storage_tasks.wire import codec
 
 VERSION = 1
@@ -32,8 +35,9 @@ class Task:
         "artifacts",
     )
 
-    def __init__(self, id, debug_info, ctime, state, updated=None, operation=None,
-                 worker=None, cancel=None, artifacts=()):
+    def __init__(self, id: str, debug_info: str, ctime: float, state: State, updated: Optional[float] = None,
+                 operation: Optional[Dict[str, Any]] = None, worker: Optional[Dict[str, Any]] = None,
+                 cancel: Optional[float] = None, artifacts: Iterable[str] = ()) -> None:
         self.id = id
         self.debug_info = debug_info
         self.ctime = float(ctime)
@@ -45,11 +49,11 @@ class Task:
         self.artifacts = list(artifacts)
 
     @property
-    def kind(self):
+    def kind(self) -> Optional[str]:
         """The operation's kind (``"CopyV1"``...) or None for a plain task."""
         return self.operation.get("kind") if self.operation else None
 
-    def to_disk(self):
+    def to_disk(self) -> Dict[str, Any]:
         """The JSON object written to the task's file."""
         return {
             "version": VERSION,
@@ -65,7 +69,7 @@ class Task:
         }
 
     @classmethod
-    def from_disk(cls, obj):
+    def from_disk(cls, obj: object) -> "Task":
         """Parse a task file's JSON; raises ValueError naming what is wrong."""
         if not isinstance(obj, dict):
             raise ValueError("not a JSON object")

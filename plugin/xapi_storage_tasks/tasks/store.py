@@ -29,12 +29,13 @@ import json
 import os
 import stat
 import time
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from xapi_storage_tasks import settings
 from xapi_storage_tasks.tasks import ids
 from xapi_storage_tasks.tasks import log
 from xapi_storage_tasks.wire.errors import InternalError, StateDirInvalid, TaskCorrupt, TaskDoesNotExist, TaskInProgress
-from xapi_storage_tasks.tasks.state import Pending, check
+from xapi_storage_tasks.tasks.state import Pending, State, check
 from xapi_storage_tasks.tasks.record import Task
 
 MAX_TASK_FILE = 1 << 20
@@ -45,7 +46,7 @@ _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _check_dir(fd, path):
+def _check_dir(fd: int, path: str) -> None:
     st = os.fstat(fd)
     if not stat.S_ISDIR(st.st_mode):
         raise StateDirInvalid(path, "not a directory")
@@ -55,7 +56,7 @@ def _check_dir(fd, path):
         raise StateDirInvalid(path, "writable by group or others (mode %o)" % (st.st_mode & 0o777))
 
 
-def _open_dir(name, dir_fd=None, label=None):
+def _open_dir(name: str, dir_fd: Optional[int] = None, label: Optional[str] = None) -> int:
     """Open (creating with 0700 if needed) a directory, never via a symlink."""
     label = label or name
     for attempt in (1, 2):
@@ -64,7 +65,7 @@ def _open_dir(name, dir_fd=None, label=None):
             break
         except FileNotFoundError:
             if attempt == 2:
-                raise StateDirInvalid(label, "vanished while being created")
+                raise StateDirInvalid(label, "vanished while being created") from None
             try:
                 if dir_fd is None:
                     os.makedirs(name, mode=0o700, exist_ok=True)
@@ -73,12 +74,12 @@ def _open_dir(name, dir_fd=None, label=None):
             except FileExistsError:
                 pass
             except OSError as e:
-                raise StateDirInvalid(label, "cannot create: %s" % e.strerror)
+                raise StateDirInvalid(label, "cannot create: %s" % e.strerror) from None
         except OSError as e:
             why = e.strerror
             if e.errno in (errno.ELOOP, errno.ENOTDIR) and _is_symlink(name, dir_fd):
                 why = "is a symlink"
-            raise StateDirInvalid(label, why)
+            raise StateDirInvalid(label, why) from None
     try:
         _check_dir(fd, label)
     except BaseException:
@@ -87,7 +88,7 @@ def _open_dir(name, dir_fd=None, label=None):
     return fd
 
 
-def _is_symlink(name, dir_fd):
+def _is_symlink(name: str, dir_fd: Optional[int]) -> bool:
     try:
         return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
     except OSError:
@@ -95,15 +96,15 @@ def _is_symlink(name, dir_fd):
 
 
 @contextlib.contextmanager
-def _io(what):
+def _io(what: str) -> Iterator[None]:
     """Report a failed store operation as an InternalError naming it."""
     try:
         yield
     except OSError as e:
-        raise InternalError("%s: %s" % (what, e.strerror or e))
+        raise InternalError("%s: %s" % (what, e.strerror or e)) from None
 
 
-def _unlink(name, dir_fd):
+def _unlink(name: str, dir_fd: int) -> None:
     try:
         os.unlink(name, dir_fd=dir_fd)
     except FileNotFoundError:
@@ -113,25 +114,25 @@ def _unlink(name, dir_fd):
 class Store:
     """A state directory. Cheap to open: one directory per method call."""
 
-    def __init__(self, path=None):
+    def __init__(self, path: Optional[str] = None) -> None:
         self.path = os.path.abspath(path or settings.state_dir())
         self._root = _open_dir(self.path)
-        self._dirs = {}
+        self._dirs: Dict[str, int] = {}
 
-    def close(self):
+    def close(self) -> None:
         """Release the directory descriptors."""
         for fd in [self._root, *self._dirs.values()]:
             os.close(fd)
         self._dirs.clear()
         self._root = -1
 
-    def __enter__(self):
+    def __enter__(self) -> "Store":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def dir_fd(self, name):
+    def dir_fd(self, name: str) -> int:
         """Descriptor of subdirectory ``name`` (tasks, tmp, locks, pending,
         logs)."""
         fd = self._dirs.get(name)
@@ -141,24 +142,24 @@ class Store:
 
     # -- reading ------------------------------------------------------------
 
-    def ids(self):
+    def ids(self) -> List[str]:
         """Every task id, oldest first (ids sort by creation time)."""
         names = os.listdir(self.dir_fd("tasks"))  # only <id>.json lives here
         names.sort()
         return [n[:-5] for n in names]
 
-    def pending_ids(self):
+    def pending_ids(self) -> List[str]:
         """Ids marked Pending: the only tasks that can need reconciling."""
         return sorted(os.listdir(self.dir_fd("pending")))
 
-    def get(self, task_id):
+    def get(self, task_id: str) -> Task:
         """Read one task. Raises TaskDoesNotExist or TaskCorrupt."""
         try:
             fd = os.open(task_id + ".json", _O_READ, dir_fd=self.dir_fd("tasks"))
         except FileNotFoundError:
-            raise TaskDoesNotExist(task_id)
+            raise TaskDoesNotExist(task_id) from None
         except OSError as e:
-            raise self._corrupt(task_id, "cannot open its file: %s" % e.strerror)
+            raise self._corrupt(task_id, "cannot open its file: %s" % e.strerror) from None
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise self._corrupt(task_id, "its file is not a regular file")
@@ -172,16 +173,16 @@ class Store:
             if task.id != task_id:
                 raise ValueError("file holds id %r" % task.id)
         except ValueError as e:  # includes JSON and UTF-8 errors
-            raise self._corrupt(task_id, str(e))
+            raise self._corrupt(task_id, str(e)) from None
         return task
 
-    def _corrupt(self, task_id, why):
+    def _corrupt(self, task_id: str, why: str) -> TaskCorrupt:
         log.store_event(self, "task %s is corrupt: %s" % (task_id, why))
         return TaskCorrupt(task_id, why)
 
     # -- writing ----------------------------------------------------------
 
-    def _write(self, task):
+    def _write(self, task: Task) -> None:
         d, tmp_d = self.dir_fd("tasks"), self.dir_fd("tmp")
         data = json.dumps(task.to_disk(), separators=(",", ":")).encode()
         tmp = "%s.%s" % (task.id, os.urandom(4).hex())
@@ -203,7 +204,7 @@ class Store:
             os.fsync(d)
 
     @contextlib.contextmanager
-    def _locked(self, task_id):
+    def _locked(self, task_id: str) -> Iterator[None]:
         locks = self.dir_fd("locks")
         try:
             fd = os.open(task_id, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=locks)
@@ -219,7 +220,7 @@ class Store:
         finally:
             os.close(fd)
 
-    def create(self, debug_info, operation=None):
+    def create(self, debug_info: str, operation: Optional[Dict[str, Any]] = None) -> Task:
         """Create a Pending(0.0) task and return it (the API for workers and
         tests). ``operation`` is stored as given, e.g. ``{"kind": "CopyV1",
         "args": {...}}``."""
@@ -241,7 +242,7 @@ class Store:
             os.close(fd)
         return task
 
-    def transition(self, task_id, decide):
+    def transition(self, task_id: str, decide: Callable[[Task], Optional[State]]) -> Task:
         """The one function that changes a task's state.
 
         Under the task's lock, ``decide(task)`` returns the new state, or
@@ -263,7 +264,7 @@ class Store:
             self.forget_marker(task_id)
         return task
 
-    def annotate(self, task_id, mutate):
+    def annotate(self, task_id: str, mutate: Callable[[Task], object]) -> Task:
         """Change a task's private fields under its lock: ``mutate(task)``
         edits them in place. Changing the state here is refused."""
         with self._locked(task_id):
@@ -275,7 +276,7 @@ class Store:
             self._write(task)
         return task
 
-    def destroy(self, task_id):
+    def destroy(self, task_id: str) -> None:
         """Remove every file of a finished (or unreadable) task.
 
         Raises TaskInProgress for a Pending task, TaskDoesNotExist for an
@@ -308,7 +309,7 @@ class Store:
                 _unlink(task_id, self.dir_fd("locks"))
                 _unlink(tomb, tmp)
 
-    def forget_marker(self, task_id):
+    def forget_marker(self, task_id: str) -> None:
         """Drop the Pending marker of a finished task (best effort: a stale
         marker only costs ``ls`` one more look at the task)."""
         try:
@@ -316,7 +317,7 @@ class Store:
         except OSError:
             pass
 
-    def sweep_tmp(self, age):
+    def sweep_tmp(self, age: float) -> None:
         """Remove what processes killed midway left in ``tmp/``: temporary
         files older than ``age`` seconds, and the tombstones of interrupted
         destroys together with their lock files."""
@@ -331,7 +332,7 @@ class Store:
             except OSError:
                 pass
 
-    def forget_stale_marker(self, task_id, age):
+    def forget_stale_marker(self, task_id: str, age: float) -> None:
         """Remove the marker and lock left by a ``create`` that died before
         writing the task file, once the marker is ``age`` seconds old and no
         creator holds the lock."""

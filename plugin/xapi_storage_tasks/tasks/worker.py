@@ -17,22 +17,25 @@ removed and the task ends Failed ``Cancelled``.
 
 import contextlib
 import os
-import select
 import signal
-import sys
 import time
+from types import FrameType
+from typing import Any, Callable, Dict, Iterator, Optional
 
-from xapi_storage_tasks.tasks import lifecycle
-from xapi_storage_tasks.tasks import log
-from xapi_storage_tasks.process import identity as proc
-from xapi_storage_tasks.process.spawn import spawn
-from xapi_storage_tasks.wire.errors import PluginError, TaskDoesNotExist
-from xapi_storage_tasks.tasks.state import CANCELLED, Completed, Pending, TransitionRefused
+from xapi_storage_tasks.process import identity
+from xapi_storage_tasks.process.spawn import Readiness, spawn
+from xapi_storage_tasks.tasks import lifecycle, log
+from xapi_storage_tasks.tasks.record import Task
+from xapi_storage_tasks.tasks.state import CANCELLED, Completed, Pending, State, TransitionRefused
 from xapi_storage_tasks.tasks.store import Store
+from xapi_storage_tasks.wire.errors import PluginError, TaskDoesNotExist
 
 START_WAIT = 10.0
 PROGRESS_INTERVAL = 0.25
 HEARTBEAT_INTERVAL = 2.0
+
+Operation = Callable[..., Any]
+"""``op(ctx, **args)``: returns the Completed result (None or a wire value)."""
 
 
 class Cancelled(BaseException):
@@ -45,9 +48,10 @@ class TaskGone(BaseException):
 
 
 class Context:
-    """What a running operation may do to its task."""
+    """What a running operation may do to its task, and the worker's run
+    loop around the operation (:meth:`run`)."""
 
-    def __init__(self, store, task):
+    def __init__(self, store: Store, task: Task) -> None:
         self.store = store
         self.task_id = task.id
         self.debug_info = task.debug_info
@@ -56,17 +60,33 @@ class Context:
         self._last_write = 0.0
         self._progress = 0.0
 
+    def listen_for_cancel(self) -> None:
+        """Make SIGTERM a cancel request (call before anyone can learn our
+        pid)."""
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
     # SIGTERM lands here. While the operation runs it raises Cancelled at
     # once, so even a long read or write stops promptly; inside the store's
     # own writes it only sets the flag, which is checked right after.
-    def _on_sigterm(self, signum, frame):
+    def _on_sigterm(self, signum: int, frame: Optional[FrameType]) -> None:
         self.cancel_requested = True
         if self._interruptible:
             self._interruptible = False
             raise Cancelled()
 
+    def run(self, func: Operation, args: Dict[str, Any]) -> Any:
+        """Run ``func(self, **args)`` interruptibly: a cancel requested
+        before or during it raises :class:`Cancelled` in it. Returns its
+        result; afterwards a SIGTERM only sets :attr:`cancel_requested`."""
+        self._interruptible = True
+        try:
+            self.check_cancelled()
+            return func(self, **args)
+        finally:
+            self._interruptible = False
+
     @contextlib.contextmanager
-    def critical(self):
+    def critical(self) -> Iterator[None]:
         """A section SIGTERM must not interrupt (e.g. renaming a finished
         file into place together with forgetting its artifact)."""
         was, self._interruptible = self._interruptible, False
@@ -76,13 +96,13 @@ class Context:
             self._interruptible = was
         self.check_cancelled()
 
-    def check_cancelled(self):
+    def check_cancelled(self) -> None:
         """Raise Cancelled if a cancel has been requested."""
         if self.cancel_requested and self._interruptible:
             self._interruptible = False
             raise Cancelled()
 
-    def progress(self, fraction, force=False):
+    def progress(self, fraction: float, force: bool = False) -> None:
         """Report progress in [0, 1]. Written at most every 0.25 s (and at
         least every 2 s while reported, as a heartbeat)."""
         fraction = float(fraction)
@@ -96,15 +116,15 @@ class Context:
             try:
                 self.store.transition(self.task_id, lambda t: Pending(fraction))
             except (TransitionRefused, TaskDoesNotExist):
-                raise TaskGone()
+                raise TaskGone() from None
             self._last_write = now
 
-    def declare_artifact(self, path):
+    def declare_artifact(self, path: str) -> None:
         """Record ``path`` as something to remove if the task does not
         complete. Call it *before* creating the file."""
         path = os.path.abspath(path)
 
-        def add(t):
+        def add(t: Task) -> None:
             if t.state.terminal:  # finished elsewhere: nobody would undo it
                 raise TaskGone()
             t.artifacts.append(path)
@@ -112,7 +132,7 @@ class Context:
         with self.critical():
             self.store.annotate(self.task_id, add)
 
-    def forget_artifact(self, path):
+    def forget_artifact(self, path: str) -> None:
         """Stop treating ``path`` as an artifact: it no longer exists
         (removed, or renamed to its final name), or it turned out not to be
         ours. Do not forget an operation's result: it stays declared until
@@ -120,19 +140,25 @@ class Context:
         write that marks success, so no cancel or crash in between can
         leave a failed task's output behind."""
         path = os.path.abspath(path)
-        with self.critical():
-            self.store.annotate(self.task_id, lambda t: t.artifacts.remove(path) if path in t.artifacts else None)
 
-    def log(self, message):
+        def drop(t: Task) -> None:
+            if path in t.artifacts:
+                t.artifacts.remove(path)
+
+        with self.critical():
+            self.store.annotate(self.task_id, drop)
+
+    def log(self, message: str) -> None:
         """A line in the task's log."""
         log.task_event(self.store, self.store.get(self.task_id), message)
 
 
-def _func_ref(func):
+def _func_ref(func: Operation) -> str:
     return "%s:%s" % (func.__module__, func.__qualname__)
 
 
-def start(dbg, func, args=None, kind="Task", store=None):
+def start(dbg: str, func: Operation, args: Optional[Dict[str, Any]] = None, kind: str = "Task",
+          store: Optional[Store] = None) -> str:
     """Start ``func(ctx, **args)`` as a task; return the task id.
 
     The task exists (Pending 0.0) and its worker's identity is recorded
@@ -150,32 +176,33 @@ def start(dbg, func, args=None, kind="Task", store=None):
             store.close()
 
 
-def launch(store, task_id, func, args):
+def launch(store: Store, task_id: str, func: Operation, args: Dict[str, Any]) -> None:
     """Start the worker of an existing Pending task (the second half of
     :func:`start`); returns once the worker has recorded its identity."""
-    ready_r, ready_w = os.pipe()
+    readiness = Readiness()
     try:
-        spawn(lambda: _work(store.path, task_id, func, args, ready_w), keep_fds=[ready_w])
+        spawn(lambda: _work(store.path, task_id, func, args, readiness), readiness=readiness)
     finally:
-        os.close(ready_w)
-    try:
-        ready, _, _ = select.select([ready_r], [], [], START_WAIT)
-        started = bool(ready) and os.read(ready_r, 1) == b"!"
-    finally:
-        os.close(ready_r)
-    if ready and not started:  # the daemon died before recording itself
-        store.transition(task_id, lambda t: None if t.worker or t.state.terminal
-                         else lifecycle.fail_and_undo(store, t, "Worker lost: it failed to start"))
+        readiness.close_sender()
+    started, why = readiness.wait(START_WAIT)
+    if started is False:  # the daemon died before recording itself
+        message = "Worker lost: it failed to start" + (" (%s)" % why if why else "")
+
+        def decide(t: Task) -> Optional[State]:
+            return None if t.worker or t.state.terminal else lifecycle.fail_and_undo(store, t, message)
+
+        store.transition(task_id, decide)
 
 
-def _work(path, task_id, func, args, ready_fd):
+def _work(path: str, task_id: str, func: Operation, args: Dict[str, Any], readiness: Readiness) -> None:
     store = Store(path)
     task = store.get(task_id)
     ctx = Context(store, task)
-    signal.signal(signal.SIGTERM, ctx._on_sigterm)  # before anyone can learn our pid
-    ident = proc.identity()
+    ctx.listen_for_cancel()  # before anyone can learn our pid
+    ident = identity.identity()
+    assert ident is not None  # this process is alive
 
-    def record(t):
+    def record(t: Task) -> None:
         if t.state.terminal:  # given up on while we were starting
             raise TaskGone()
         t.worker = ident
@@ -184,19 +211,15 @@ def _work(path, task_id, func, args, ready_fd):
         task = store.annotate(task_id, record)
     except TaskGone:
         return
-    os.write(ready_fd, b"!")
-    os.close(ready_fd)
+    readiness.ready()
     ctx.cancel_requested = ctx.cancel_requested or task.cancel is not None
     log.task_event(store, task, "worker started: pid %d, %s" % (ident["pid"], task.operation and task.operation.get("func")))
     began = time.monotonic()
     try:
-        ctx._interruptible = True
-        ctx.check_cancelled()
-        result = func(ctx, **args)
-        ctx._interruptible = False
+        result = ctx.run(func, args)
         duration = time.monotonic() - began
 
-        def complete(t):
+        def complete(t: Task) -> State:
             t.artifacts = []  # the operation succeeded: nothing to undo
             return Completed(duration, result)
 
@@ -207,12 +230,10 @@ def _work(path, task_id, func, args, ready_fd):
         store.transition(task_id, complete)
         log.task_event(store, task, "completed")
     except Cancelled:
-        ctx._interruptible = False
         _finish_failed(store, task_id, CANCELLED)
     except TaskGone:
         log.task_event(store, task, "task finished or destroyed elsewhere; worker exits")
     except BaseException as exc:
-        ctx._interruptible = False
         if isinstance(exc, PluginError):
             message = str(exc)
         else:
@@ -223,31 +244,8 @@ def _work(path, task_id, func, args, ready_fd):
         _finish_failed(store, task_id, message)
 
 
-def _finish_failed(store, task_id, message):
+def _finish_failed(store: Store, task_id: str, message: str) -> None:
     try:
         store.transition(task_id, lambda t: lifecycle.fail_and_undo(store, t, message))
     except (TransitionRefused, TaskDoesNotExist):
         pass
-
-
-def spawn_escalator(path, task_id, grace):
-    """A detached watchdog: once ``grace`` seconds have passed since the
-    cancel, reconcile the task, which SIGKILLs a worker that ignored
-    SIGTERM. It exits early when the task finishes."""
-
-    def watch():
-        with Store(path) as store:
-            deadline = time.monotonic() + grace
-            while True:
-                try:
-                    task = store.get(task_id)
-                except PluginError:
-                    return
-                if task.state.terminal:
-                    return
-                if time.monotonic() >= deadline:
-                    lifecycle.reconcile(store, task_id)
-                    deadline = time.monotonic() + 0.5
-                time.sleep(0.05)
-
-    spawn(watch)
