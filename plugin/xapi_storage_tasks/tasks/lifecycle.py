@@ -14,8 +14,9 @@ Used by ``Task.*`` and ``Data.*`` alike. The rules:
 
 import os
 import signal
+import stat
 import time
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from xapi_storage_tasks import settings
 from xapi_storage_tasks.tasks import log
@@ -28,31 +29,40 @@ from xapi_storage_tasks.tasks.store import Store
 START_TIMEOUT = 30.0
 
 
-def remove_artifacts(paths: Sequence[str]) -> List[Tuple[str, str]]:
-    """Remove declared artifacts, newest first; missing ones are fine.
-    Returns the ``(path, error)`` pairs that could not be removed."""
-    failures = []
+def remove_artifacts(paths: Sequence[str], created: Dict[str, List[int]]) -> List[Tuple[str, str]]:
+    """Remove declared artifacts, newest first, each only while it is the
+    very file the task created (same device and inode as recorded in
+    ``created``); missing ones are fine. Returns ``(path, why)`` for each
+    path left in place: never created by the task, replaced by another
+    file, or failing to go."""
+    left = []
     for path in reversed(paths):
+        ident = created.get(path)
+        if ident is None:
+            left.append((path, "never recorded as created by this task; left alone"))
+            continue
         try:
-            os.unlink(path)
+            st = os.lstat(path)
+            if [st.st_dev, st.st_ino] != ident:
+                left.append((path, "holds a file this task did not create; left alone"))
+            elif stat.S_ISDIR(st.st_mode):
+                os.rmdir(path)
+            else:
+                os.unlink(path)
         except FileNotFoundError:
             pass
-        except IsADirectoryError:
-            try:
-                os.rmdir(path)
-            except OSError as e:
-                failures.append((path, e.strerror or str(e)))
         except OSError as e:
-            failures.append((path, e.strerror or str(e)))
-    return failures
+            left.append((path, e.strerror or str(e)))
+    return left
 
 
 def fail_and_undo(store: Store, task: Task, message: str) -> State:
     """Under the task's lock (inside a ``transition`` decide callback):
     remove the task's artifacts and return the Failed state to store."""
-    for path, why in remove_artifacts(task.artifacts):
-        log.task_event(store, task, "could not remove artifact %s: %s" % (path, why))
+    for path, why in remove_artifacts(task.artifacts, task.created):
+        log.task_event(store, task, "artifact %s not removed: %s" % (path, why))
     task.artifacts = []
+    task.created = {}
     log.task_event(store, task, "failed: %s" % message)
     return Failed(message)
 

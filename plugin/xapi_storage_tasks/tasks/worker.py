@@ -120,17 +120,84 @@ class Context:
             self._last_write = now
 
     def declare_artifact(self, path: str) -> None:
-        """Record ``path`` as something to remove if the task does not
-        complete. Call it *before* creating the file."""
+        """Declare ``path`` as something this task may create. Call it
+        *before* creating the file, then :meth:`created_artifact` once it
+        exists: if the task does not complete, the path is removed only
+        while it holds the file recorded then (a declared path never
+        recorded, or holding someone else's file, is left alone)."""
         path = os.path.abspath(path)
 
         def add(t: Task) -> None:
             if t.state.terminal:  # finished elsewhere: nobody would undo it
                 raise TaskGone()
-            t.artifacts.append(path)
+            if path not in t.artifacts:
+                t.artifacts.append(path)
 
         with self.critical():
             self.store.annotate(self.task_id, add)
+
+    def created_artifact(self, path: str, fd: int) -> None:
+        """Record that this task created the declared artifact ``path``,
+        open as ``fd``: its device and inode identify it from now on."""
+        path = os.path.abspath(path)
+        st = os.fstat(fd)
+
+        def record(t: Task) -> None:
+            if path not in t.artifacts:
+                raise ValueError("artifact %s was not declared" % path)
+            t.created[path] = [st.st_dev, st.st_ino]
+
+        with self.critical():
+            self.store.annotate(self.task_id, record)
+
+    def create_artifact(self, path: str, mode: int = 0o600) -> int:
+        """Create the new file ``path`` (never over an existing one) as an
+        artifact of this task and return a descriptor open for writing.
+
+        Where the file system allows it (``O_TMPFILE``), the file is made
+        nameless, its identity recorded, and only then linked at ``path``:
+        a worker killed at any instant leaves either no file or one the
+        cleanup knows. Elsewhere it is created then recorded, and a worker
+        killed in between leaves the file (cleanup cannot prove it is the
+        task's, so it is left alone)."""
+        path = os.path.abspath(path)
+        self.declare_artifact(path)
+        flags = os.O_WRONLY | os.O_CLOEXEC
+        directory, name = os.path.split(path)
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            try:
+                fd, named = os.open(".", flags | os.O_TMPFILE, mode, dir_fd=dfd), False
+            except OSError:  # no O_TMPFILE on this file system: create by name
+                fd, named = os.open(name, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=dfd), True
+            try:
+                self.created_artifact(path, fd)
+                if not named:  # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N; EEXIST if path exists
+                    os.link("/proc/self/fd/%d" % fd, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=True)
+            except BaseException:
+                os.close(fd)
+                raise
+        finally:
+            os.close(dfd)
+        return fd
+
+    def moving_artifact(self, src: str, dst: str) -> None:
+        """Call just before renaming the created artifact ``src`` to
+        ``dst``: ``dst`` becomes an artifact with the same identity (a
+        rename keeps the inode), so the file is undone under whichever name
+        it has if the task fails, and a file someone else puts at ``dst``
+        never is."""
+        src, dst = os.path.abspath(src), os.path.abspath(dst)
+
+        def move(t: Task) -> None:
+            if src not in t.created:
+                raise ValueError("artifact %s was not recorded as created" % src)
+            if dst not in t.artifacts:
+                t.artifacts.append(dst)
+            t.created[dst] = list(t.created[src])
+
+        with self.critical():
+            self.store.annotate(self.task_id, move)
 
     def forget_artifact(self, path: str) -> None:
         """Stop treating ``path`` as an artifact: it no longer exists
@@ -144,6 +211,7 @@ class Context:
         def drop(t: Task) -> None:
             if path in t.artifacts:
                 t.artifacts.remove(path)
+            t.created.pop(path, None)
 
         with self.critical():
             self.store.annotate(self.task_id, drop)
@@ -220,7 +288,7 @@ def _work(path: str, task_id: str, func: Operation, args: Dict[str, Any], readin
         duration = time.monotonic() - began
 
         def complete(t: Task) -> State:
-            t.artifacts = []  # the operation succeeded: nothing to undo
+            t.artifacts, t.created = [], {}  # the operation succeeded: nothing to undo
             return Completed(duration, result)
 
         import resource
