@@ -282,9 +282,9 @@ class Bystander:
     """A process that must survive: ``sleep 60`` in its own session,
     optionally as another user (uid/gid 65534 through setpriv)."""
 
-    def __init__(self, uid=None, argv=("sleep", "60")):
+    def __init__(self, uid=None, argv=("sleep", "60"), comm=None):
         argv = list(argv)
-        comm = os.path.basename(argv[0])
+        comm = comm or os.path.basename(argv[0])
         if uid is not None:
             argv = ["setpriv", "--reuid=%d" % uid, "--regid=%d" % uid, "--clear-groups", *argv]
         self.popen = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL)
@@ -446,6 +446,15 @@ def kill_live_workers(state_dir):
             finally:
                 os.close(pidfd)
     return killed
+
+
+def stand_in_worker(state_dir, task_id):
+    """A sleeper that holds the task's mark (``pending/<id>``) open on
+    descriptor 7, as a real worker does: the identity it returns is
+    vouched for by the kernel. Returns ``(bystander, identity)``."""
+    mark = os.path.join(str(state_dir), "pending", task_id)
+    b = Bystander(argv=("sh", "-c", 'exec sleep 60 7<"$0"', mark), comm="sleep")
+    return b, dict(b.identity, fd=7)
 
 
 def dead_identity():

@@ -18,7 +18,6 @@ import pytest
 import xapi_storage_tasks.tasks.store
 from conftest import run_bin
 from faults import (
-    Bystander,
     Counter,
     FailAt,
     OSProxy,
@@ -29,6 +28,7 @@ from faults import (
     names_errno,
     report,
     snapshot,
+    stand_in_worker,
     task_file_problems,
 )
 from xapi_storage_tasks.tasks import worker
@@ -195,16 +195,21 @@ def test_executables_answer_write_faults_with_the_error_record(store, state_dir,
     Internal_error record naming the error, and leaves every task file as
     it was; Task.ls still lists every task (exit 0) and changes nothing."""
     monkeypatch.setenv("TASK_CANCEL_GRACE", "60")
-    sleeper = Bystander()
+    sleepers = []
     trials = 0
     try:
         for method in ("Task.cancel", "Task.stat", "Task.ls"):
             for name in ("open", "write", "fsync", "rename"):
                 for err in ERRNOS:
                     task = store.create("exe-fault")
-                    # Task.cancel: a live "worker" (the sleeper, never signalled: the
-                    # write fails first); Task.stat/ls: a dead worker to reconcile.
-                    ident = sleeper.identity if method == "Task.cancel" else dead_identity()
+                    # Task.cancel: a live "worker" (a sleeper holding the task's mark,
+                    # never signalled: the write fails first); Task.stat/ls: a dead
+                    # worker to reconcile.
+                    if method == "Task.cancel":
+                        sleeper, ident = stand_in_worker(state_dir, task.id)
+                        sleepers.append(sleeper)
+                    else:
+                        ident = dead_identity()
                     store.annotate(task.id, lambda t: setattr(t, "worker", ident))
                     before = snapshot(state_dir)
                     params = {"dbg": "d"} if method == "Task.ls" else {"dbg": "d", "id": task.id}
@@ -223,10 +228,11 @@ def test_executables_answer_write_faults_with_the_error_record(store, state_dir,
                     assert _valid_error_record(record), (where, record)
                     assert record["params"][0] == "Internal_error" and names_errno(record["params"][1], err), (where, record)
                     assert snapshot(state_dir) == before, where
-                    assert sleeper.alive()
+                    assert all(s.alive() for s in sleepers)
                     store.transition(task.id, lambda t: Completed(0.0))  # out of the way of the next Task.ls
     finally:
-        sleeper.stop()
+        for sleeper in sleepers:
+            sleeper.stop()
     report("executables under write faults", trials=trials, faults_injected=trials, failures=0)
 
 
@@ -279,14 +285,15 @@ def test_real_enospc_on_a_full_tmpfs(tiny_fs, tmp_path, monkeypatch):
     monkeypatch.setenv("TASK_CANCEL_GRACE", "0.3")
     from ops import write_steps
 
-    sleeper = Bystander()
+    sleeper = None
     answers = {}
     try:
         with Store(str(state)) as store:
             done = store.create("done")
             store.transition(done.id, lambda t: Completed(1.0))
             live = store.create("live")  # its "worker" is the sleeper: Pending while it lives
-            store.annotate(live.id, lambda t: setattr(t, "worker", sleeper.identity))
+            sleeper, live_ident = stand_in_worker(state, live.id)
+            store.annotate(live.id, lambda t: setattr(t, "worker", live_ident))
             lost = store.create("lost")  # its worker is gone: the next call must write
             lost_ident = dead_identity()
             store.annotate(lost.id, lambda t: setattr(t, "worker", lost_ident))
@@ -340,7 +347,8 @@ def test_real_enospc_on_a_full_tmpfs(tiny_fs, tmp_path, monkeypatch):
             assert task_file_problems(state) == []
             running_state = final.state
     finally:
-        sleeper.stop()
+        if sleeper is not None:
+            sleeper.stop()
         kill_live_workers(state)
     report("real ENOSPC (64 KiB tmpfs)", calls=sum(len(v) for v in answers.values()),
            exit_codes={k: v for k, v in answers.items()}, worker_running_when_full=repr(running_state), failures=0)

@@ -85,6 +85,12 @@ def test_cancel_never_signals_a_non_worker(store, state_dir, monkeypatch, guarde
             assert "Uid:\t%d" % NOBODY in f.read()
         runner_group = identity.identity(os.getpgrp())
         forged = {
+            # The exact identity of a live bystander (issue 12, item 2):
+            # only the kernel's word that it holds the task's mark counts.
+            "exact bystander identity": r,
+            "exact bystander identity, claiming its fd 0": dict(r, fd=0),
+            "exact identity of another user's process": n,
+            "exact group leader identity": group.identity,
             "pid reused (start+1)": dict(r, start=r["start"] + 1),
             "pid reused (start-1)": dict(r, start=r["start"] - 1),
             "previous boot": dict(r, boot_id=OTHER_BOOT),
@@ -109,6 +115,8 @@ def test_cancel_never_signals_a_non_worker(store, state_dir, monkeypatch, guarde
             forged["test runner's group leader"] = runner_group
         names = sorted(forged)
         task_ids = [_forge(store, forged[name]) for name in names]
+        marks = [store.mark(tid) for tid in task_ids]
+        assert None not in marks
         t0 = time.monotonic()
         cancels = _run_all("Task.cancel", task_ids)
         stats = _run_all("Task.stat", task_ids)
@@ -118,6 +126,8 @@ def test_cancel_never_signals_a_non_worker(store, state_dir, monkeypatch, guarde
             assert (c_code, c_out) == (0, b"null\n"), (name, c_code, c_out)
             assert s_code == 0, (name, s_out)
             states[name] = json.loads(s_out)["state"][0]
+        exact = [name for name in names if name.startswith("exact")]
+        assert {states[name] for name in exact} == {"Failed"}, states  # not workers: lost, never signalled
         # A worker field that is not even an object makes the file unreadable:
         # cancel reports it and signals nobody.
         bad = store.create("tampered")
@@ -130,9 +140,9 @@ def test_cancel_never_signals_a_non_worker(store, state_dir, monkeypatch, guarde
         assert run_bin("Task.cancel", {"dbg": "d", "id": bad.id}).error_name == "Task_corrupt"
         # The same identities straight at the signalling function.
         direct, raised = [], {}
-        for name in names:
+        for name, mark in zip(names, marks):
             try:
-                direct.append(identity.signal_worker(forged[name], signal.SIGTERM))
+                direct.append(identity.signal_worker(forged[name], signal.SIGTERM, mark))
             except Exception as e:  # no signal was sent; see test_signal_worker_on_out_of_range_pid
                 direct.append(False)
                 raised[name] = type(e).__name__
@@ -221,7 +231,7 @@ def test_signal_worker_on_out_of_range_pid():
     does not raise."""
     ident = {"pid": 2 ** 62, "start": 1, "pgid": 2 ** 62, "boot_id": identity.boot_id()}
     try:
-        outcome = identity.signal_worker(ident, signal.SIGTERM)
+        outcome = identity.signal_worker(ident, signal.SIGTERM, None)
     except Exception as e:
         outcome = "%s: %s" % (type(e).__name__, e)
     report("out-of-range pid", trials=1, faults_injected=1, outcome=outcome, failures=int(outcome is not False))

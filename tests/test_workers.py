@@ -243,7 +243,7 @@ def test_reused_pid_is_never_signalled(store):
             res = run_bin("Task.cancel", {"dbg": "d", "id": task.id})
             assert res.returncode == 0, (ident, res.stdout)
             assert bystander.poll() is None, "bystander was signalled for %r" % ident
-            assert identity.signal_worker(ident, signal.SIGTERM) is False
+            assert identity.signal_worker(ident, signal.SIGTERM, store.mark(task.id)) is False
         # The forged tasks are not left Pending: their "worker" is not theirs.
         for task_id in store.ids():
             if identity.identity() != store.get(task_id).worker:

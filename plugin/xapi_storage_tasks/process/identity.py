@@ -2,20 +2,26 @@
 
 An identity is a plain dict, stored in the task file::
 
-    {"pid": 4242, "start": 81234567, "pgid": 4242, "boot_id": "2305cddd-..."}
+    {"pid": 4242, "start": 81234567, "pgid": 4242, "boot_id": "2305cddd-...", "fd": 3}
 
 ``start`` is the process start time in clock ticks since boot (field 22 of
 ``/proc/PID/stat``): together with the boot id it tells a live worker from
 a process that reused its pid, or from a pid recorded before a reboot.
-Everything here reads ``/proc`` directly, so it is cheap enough for every
-``Task.stat``.
+
+A task file can be forged, so none of that is trusted on its own before a
+signal: a worker holds its task's *mark* (a file only the plugin creates)
+open on descriptor ``fd`` for its whole life, and :func:`holds` asks the
+kernel (``/proc/PID/fd/FD``) whether the process really has that very file
+(device and inode) open there. Only then does :func:`signal_worker` send
+anything. Everything here reads ``/proc`` directly, so it is cheap enough
+for every ``Task.stat``.
 """
 
 import os
 import select
 import signal
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 Identity = Dict[str, Any]
 
@@ -91,9 +97,10 @@ def refusal(ident: Any) -> Optional[str]:
     return None
 
 
-def signal_worker(ident: Identity, sig: int) -> bool:
+def signal_worker(ident: Identity, sig: int, mark: Optional[Tuple[int, int]]) -> bool:
     """Send ``sig`` to the worker's process group, only if ``ident`` still
-    names the same live process. Returns True if it was signalled.
+    names the same live process and that process holds the task's ``mark``
+    (see :func:`holds`). Returns True if it was signalled.
 
     With a pidfd the identity check and the signal to the leader hit the same
     process even if the pid is recycled in between; the rest of the group is
@@ -112,7 +119,7 @@ def signal_worker(ident: Identity, sig: int) -> bool:
         except OSError:
             pidfd = None  # kernel without pidfds: fall back to the check alone
     try:
-        if not matches(ident):
+        if not matches(ident) or not holds(ident, mark):
             return False
         try:
             if pidfd is not None:
@@ -127,6 +134,20 @@ def signal_worker(ident: Identity, sig: int) -> bool:
     finally:
         if pidfd is not None:
             os.close(pidfd)
+
+
+def holds(ident: Any, mark: Optional[Tuple[int, int]]) -> bool:
+    """True when the process ``ident`` names has the file ``mark``
+    (``(device, inode)``) open on descriptor ``ident["fd"]``, as the kernel
+    sees it. Call only after :func:`matches` (the pid is that process)."""
+    fd = ident.get("fd") if isinstance(ident, dict) else None
+    if mark is None or type(fd) is not int or not 0 <= fd < 1 << 20 or not _well_formed(ident):
+        return False
+    try:
+        st = os.stat("/proc/%d/fd/%d" % (ident["pid"], fd))  # follows the descriptor to its file
+    except (OSError, ValueError):
+        return False
+    return (st.st_dev, st.st_ino) == tuple(mark)
 
 
 def _exited(pidfd: int, timeout: float) -> bool:

@@ -3,8 +3,9 @@ with its worker, request cancellation, and undo an operation's artifacts.
 
 Used by ``Task.*`` and ``Data.*`` alike. The rules:
 
-- A Pending task whose worker is gone (pid absent, reused, a zombie, or
-  recorded under another boot id) becomes Failed: ``Cancelled`` if a cancel
+- A Pending task whose worker is gone (pid absent, reused, a zombie,
+  recorded under another boot id, or not holding the task's mark: see
+  :func:`xapi_storage_tasks.process.identity.holds`) becomes Failed: ``Cancelled`` if a cancel
   was requested, else ``Worker lost: ...``. Its artifacts are removed.
 - A Pending task that never got a worker identity within
   :data:`START_TIMEOUT` seconds is treated the same way.
@@ -67,19 +68,24 @@ def fail_and_undo(store: Store, task: Task, message: str) -> State:
     return Failed(message)
 
 
-def _live(worker: Optional[identity.Identity]) -> bool:
-    """The recorded worker is alive, and is one we could signal (a forged
-    identity naming some other live process counts as lost)."""
-    return identity.matches(worker) and identity.refusal(worker) is None
+def _vouched(store: Store, task: Task) -> bool:
+    """The recorded worker is alive, is one we could signal, and the kernel
+    says it holds the task's mark: a forged identity naming some other live
+    process counts as lost, and is never signalled."""
+    worker = task.worker
+    return (
+        identity.matches(worker)
+        and identity.refusal(worker) is None
+        and identity.holds(worker, store.mark(task.id))
+    )
 
 
-def _needs_action(task: Task, now: float) -> bool:
+def _needs_action(store: Store, task: Task, now: float) -> bool:
     if task.state.terminal:
         return False
-    worker = task.worker
-    if worker is None:
+    if task.worker is None:
         return now - task.ctime >= START_TIMEOUT
-    if not _live(worker):
+    if not _vouched(store, task):
         return True
     return task.cancel is not None and now - task.cancel >= settings.cancel_grace()
 
@@ -87,14 +93,14 @@ def _needs_action(task: Task, now: float) -> bool:
 def _decide(store: Store) -> Callable[[Task], Optional[State]]:
     def decide(task: Task) -> Optional[State]:
         now = time.time()
-        if not _needs_action(task, now):
+        if not _needs_action(store, task, now):
             return None
         worker = task.worker
-        if worker is not None and _live(worker):
+        if worker is not None and _vouched(store, task):
             # Overdue after a cancel: SIGKILL cannot be ignored.
             waited = now - (task.cancel or now)
             log.task_event(store, task, "worker pid %d ignored SIGTERM for %.1fs: SIGKILL" % (worker["pid"], waited))
-            identity.signal_worker(worker, signal.SIGKILL)
+            identity.signal_worker(worker, signal.SIGKILL, store.mark(task.id))
             if not identity.wait_gone(worker, 2.0):
                 return None
         if task.cancel is not None:
@@ -102,7 +108,8 @@ def _decide(store: Store) -> Callable[[Task], Optional[State]]:
         elif worker is None:
             message = "Worker lost: it never started"
         elif identity.matches(worker):
-            message = "Worker lost: recorded identity is not a worker (%s)" % identity.refusal(worker)
+            why = identity.refusal(worker) or "it does not hold the task's mark"
+            message = "Worker lost: recorded identity is not a worker (%s)" % why
         else:
             message = "Worker lost: process %s is gone" % worker.get("pid")
         return fail_and_undo(store, task, message)
@@ -113,7 +120,7 @@ def _decide(store: Store) -> Callable[[Task], Optional[State]]:
 def reconcile(store: Store, task_id: str) -> Task:
     """Return the task, first making its state true to its worker's."""
     task = store.get(task_id)
-    if not _needs_action(task, time.time()):
+    if not _needs_action(store, task, time.time()):
         return task
     return store.transition(task_id, _decide(store))
 
@@ -152,8 +159,8 @@ def request_cancel(store: Store, task_id: str) -> Task:
     if task.worker is None:
         log.task_event(store, task, "cancel requested before the worker started")
         return task  # the worker honours it as soon as it records itself
-    signalled = identity.signal_worker(task.worker, signal.SIGTERM)
-    outcome = "sent" if signalled else "not sent (worker gone)"
+    signalled = identity.signal_worker(task.worker, signal.SIGTERM, store.mark(task_id))
+    outcome = "sent" if signalled else "not sent (worker gone, or not vouched for by the kernel)"
     log.task_event(store, task, "cancel requested: SIGTERM to pid %s %s" % (task.worker.get("pid"), outcome))
     if not signalled:
         return reconcile(store, task_id)

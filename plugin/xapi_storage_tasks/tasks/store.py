@@ -8,7 +8,11 @@ Layout of the state directory (mode 0700, files 0600)::
     locks/<id>        per-task lock file (flock; the kernel drops it if the
                       holder dies)
     pending/<id>      empty marker while the task is Pending, so reconciling
-                      live tasks costs nothing per finished task
+                      live tasks costs nothing per finished task; also the
+                      task's *mark*: its worker holds it open (and flocked)
+                      for its whole life, which is how the kernel vouches
+                      for the worker before any signal
+                      (see xapi_storage_tasks.process.identity.holds)
     logs/<id>.log     per-task log when there is no syslog
 
 Every directory is opened relative to the root with O_NOFOLLOW, so symlinks
@@ -29,7 +33,7 @@ import json
 import os
 import stat
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from xapi_storage_tasks import settings
 from xapi_storage_tasks.tasks import ids
@@ -308,6 +312,35 @@ class Store:
                 os.fsync(tasks)
                 _unlink(task_id, self.dir_fd("locks"))
                 _unlink(tomb, tmp)
+
+    def hold_mark(self, task_id: str) -> int:
+        """(In the worker, before it records its identity.) Open the task's
+        mark and flock it, for the life of the calling process; returns the
+        descriptor. Raises TaskInProgress if another worker holds it."""
+        pending = self.dir_fd("pending")
+        with _io("cannot open the mark of task %s" % task_id):
+            fd = os.open(task_id, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600,
+                         dir_fd=pending)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise InternalError("the mark of task %s is not a regular file" % task_id)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise TaskInProgress(task_id) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def mark(self, task_id: str) -> Optional[Tuple[int, int]]:
+        """``(device, inode)`` of the task's mark, or None if it has none
+        (finished, or damaged): what a live worker must hold open."""
+        try:
+            st = os.stat(task_id, dir_fd=self.dir_fd("pending"), follow_symlinks=False)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
 
     def forget_marker(self, task_id: str) -> None:
         """Drop the Pending marker of a finished task (best effort: a stale

@@ -28,7 +28,7 @@ from xapi_storage_tasks.tasks import lifecycle, log
 from xapi_storage_tasks.tasks.record import Task
 from xapi_storage_tasks.tasks.state import CANCELLED, Completed, Pending, State, TransitionRefused
 from xapi_storage_tasks.tasks.store import Store
-from xapi_storage_tasks.wire.errors import PluginError, TaskDoesNotExist
+from xapi_storage_tasks.wire.errors import PluginError, TaskDoesNotExist, TaskInProgress
 
 START_WAIT = 10.0
 PROGRESS_INTERVAL = 0.25
@@ -267,8 +267,15 @@ def _work(path: str, task_id: str, func: Operation, args: Dict[str, Any], readin
     task = store.get(task_id)
     ctx = Context(store, task)
     ctx.listen_for_cancel()  # before anyone can learn our pid
+    try:
+        # Held open until this process ends: the kernel's proof, for any
+        # canceller, that this process is the task's worker.
+        mark = store.hold_mark(task_id)
+    except TaskInProgress:
+        return  # another worker already runs this task
     ident = identity.identity()
     assert ident is not None  # this process is alive
+    ident["fd"] = mark
 
     def record(t: Task) -> None:
         if t.state.terminal:  # given up on while we were starting
