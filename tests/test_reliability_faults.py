@@ -8,8 +8,10 @@ Faults are injected through the store module's own ``os`` reference
 """
 
 import errno
+import fcntl
 import json
 import os
+import signal
 import subprocess
 import time
 
@@ -31,6 +33,7 @@ from faults import (
     stand_in_worker,
     task_file_problems,
 )
+from xapi_storage_tasks.process import identity
 from xapi_storage_tasks.tasks import worker
 from xapi_storage_tasks.wire.errors import InternalError
 from xapi_storage_tasks.tasks.state import Completed, Pending
@@ -173,7 +176,8 @@ def test_every_store_io_error_is_an_internal_error(store, state_dir):
            failures=len(wrong))
     for line in wrong:
         print("  " + line)
-    assert wrong == [], "%d of %d failing system calls escape the store as something else than InternalError" % (len(wrong), trials)
+    assert wrong == [], "%d of %d failing system calls escape the store as something else than InternalError" % (
+        len(wrong), trials)
 
 
 def _valid_error_record(record):
@@ -210,13 +214,21 @@ def test_executables_answer_write_faults_with_the_error_record(store, state_dir,
                         sleepers.append(sleeper)
                     else:
                         ident = dead_identity()
-                    store.annotate(task.id, lambda t: setattr(t, "worker", ident))
+                    store.annotate(task.id, lambda t, ident=ident: setattr(t, "worker", ident))
                     before = snapshot(state_dir)
                     params = {"dbg": "d"} if method == "Task.ls" else {"dbg": "d", "id": task.id}
                     status, out = fork_call(method, params, hook=lambda pid, name=name, err=err: FailAt(name, 1, err))
                     trials += 1
                     record = json.loads(out)
                     where = "%s with %s failing (%s)" % (method, name, errno.errorcode[err])
+                    if method == "Task.cancel" and name in ("write", "rename"):
+                        # A cancel writes no task file: it records its request
+                        # in an empty file (open, fsync) and signals the worker.
+                        assert (status, out) == (0, b"null\n"), (where, out)
+                        assert store.cancel_time(task.id) is not None, where
+                        assert sleeper.popen.wait(10) == -15, where
+                        store.transition(task.id, lambda t: Completed(0.0))
+                        continue
                     if method == "Task.ls":
                         # ls still lists what exists; the task stays as it was
                         # for a later call to reconcile.
@@ -228,7 +240,7 @@ def test_executables_answer_write_faults_with_the_error_record(store, state_dir,
                     assert _valid_error_record(record), (where, record)
                     assert record["params"][0] == "Internal_error" and names_errno(record["params"][1], err), (where, record)
                     assert snapshot(state_dir) == before, where
-                    assert all(s.alive() for s in sleepers)
+                    assert method != "Task.cancel" or sleeper.alive()
                     store.transition(task.id, lambda t: Completed(0.0))  # out of the way of the next Task.ls
     finally:
         for sleeper in sleepers:
@@ -299,6 +311,14 @@ def test_real_enospc_on_a_full_tmpfs(tiny_fs, tmp_path, monkeypatch):
             store.annotate(lost.id, lambda t: setattr(t, "worker", lost_ident))
             out = tmp_path / "worker.out"  # the output is elsewhere: only store writes fail
             running = worker.start("running", write_steps, {"path": str(out), "steps": 300, "delay": 0.01}, store=store)
+            running_ident = store.get(running).worker
+            deadline = time.monotonic() + 10
+            while str(out) not in store.get(running).created:  # its output exists and is recorded
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            # Stopped while the other calls run: its retried writes would
+            # free and take pages, and the disk would not stay full.
+            os.kill(running_ident["pid"], signal.SIGSTOP)
             filler = _fill(str(tiny_fs))
             before = snapshot(state, dirs=("tasks",))
 
@@ -315,9 +335,6 @@ def test_real_enospc_on_a_full_tmpfs(tiny_fs, tmp_path, monkeypatch):
             res = call("Task.stat", lost.id)
             assert res.returncode == 1 and res.json["params"][0] == "Internal_error"
             assert names_errno(res.json["params"][1], errno.ENOSPC), res.json
-            res = call("Task.cancel", live.id)
-            assert res.returncode == 1 and names_errno(res.json["params"][1], errno.ENOSPC), res.json
-            assert sleeper.alive()
             assert call("Task.destroy", live.id).error_name == "Task_in_progress"
             res = call("Task.ls")  # still lists every task on a full disk
             assert res.returncode == 0 and set(res.json) >= {done.id, live.id, lost.id}, res.stdout
@@ -332,16 +349,28 @@ def test_real_enospc_on_a_full_tmpfs(tiny_fs, tmp_path, monkeypatch):
             assert task_file_problems(state) == []
             assert leftovers(state, "tmp") == []
             assert sorted(leftovers(state, "tasks")) == sorted("%s.json" % i for i in (done.id, live.id, lost.id, running))
+            os.kill(running_ident["pid"], signal.SIGCONT)
             time.sleep(0.5)  # the worker's progress writes now fail
             assert task_file_problems(state) == []
+            # Progress is advisory: the worker keeps copying, and records its
+            # end in the space it set aside, while the disk is still full.
+            assert identity.wait_gone(running_ident, 30), "the worker did not finish"
+            final = store.get(running)
+            assert isinstance(final.state, Completed), final.state
+            assert out.read_text().count("step") == 300
+            # A cancel needs no room in the task file: it is recorded, and
+            # the (stand-in) worker gets its SIGTERM.
+            res = call("Task.cancel", live.id)
+            assert res.returncode == 0, res.stdout
+            assert store.cancel_time(live.id) is not None
+            assert sleeper.popen.wait(10) == -15
 
             os.unlink(filler)  # space again
             assert call("Task.stat", lost.id).json["state"][0] == "Failed"
             deadline = time.monotonic() + 20
             while call("Task.stat", running).json["state"][0] == "Pending" and time.monotonic() < deadline:
                 time.sleep(0.1)
-            final = store.get(running)
-            assert final.state.terminal and (isinstance(final.state, Completed) or not out.exists()), final.state
+            assert call("Task.stat", live.id).json["state"] == ["Failed", "Cancelled"]
             assert call("Task.destroy", done.id).returncode == 0
             assert call("Task.ls").returncode == 0
             assert task_file_problems(state) == []
@@ -374,3 +403,195 @@ def test_task_ls_still_lists_when_the_disk_is_full(tiny_fs, monkeypatch):
            answer=res.stdout.decode()[:160], failures=int(res.returncode != 0))
     assert res.returncode == 0 and res.json == [done.id, lost.id], res.stdout
     os.unlink(filler)
+
+
+def _lock_held(path):
+    """True when some process holds an flock on ``path``."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _hold_lock(path):
+    """``flock PATH sleep 60`` in its own session."""
+    return subprocess.Popen(["flock", path, "sleep", "60"], start_new_session=True, stdin=subprocess.DEVNULL)
+
+
+def _wait_held(path, p):
+    deadline = time.monotonic() + 10
+    while not _lock_held(path):
+        assert p.poll() is None and time.monotonic() < deadline, "the lock holder did not take the lock"
+        time.sleep(0.01)
+
+
+def test_cancel_and_destroy_return_while_another_process_holds_the_lock(store, state_dir, tmp_path, monkeypatch):
+    """Promise (issue 12, item 3): with a task's lock held by another
+    process (``flock locks/<id> sleep 60``), Task.cancel still returns,
+    records the request and signals the worker; Task.stat answers; a
+    destroy answers Task_busy (retryable) instead of waiting; once the
+    holder is gone the cancel completes and the destroy works."""
+    from ops import write_steps
+
+    monkeypatch.setenv("TASK_LOCK_WAIT", "0.2")
+    out = tmp_path / "out"
+    tid = worker.start("held", write_steps, {"path": str(out), "steps": 2000, "delay": 0.01}, store=store)
+    ident = store.get(tid).worker
+    done = store.create("done")
+    store.transition(done.id, lambda t: Completed(0.1))
+    holders = []
+    try:
+        for task_id in (tid, done.id):
+            lock = os.path.join(str(state_dir), "locks", task_id)
+            holders.append(_hold_lock(lock))
+            _wait_held(lock, holders[-1])
+        res = run_bin("Task.cancel", {"dbg": "d", "id": tid}, timeout=30)
+        assert (res.returncode, res.json) == (0, None), res.stdout
+        assert store.cancel_time(tid) is not None
+        res = run_bin("Task.stat", {"dbg": "d", "id": tid}, timeout=30)
+        assert res.returncode == 0 and res.json["state"][0] == "Pending", res.stdout
+        res = run_bin("Task.destroy", {"dbg": "d", "id": done.id}, timeout=30)
+        assert res.error_name == "Task_busy", res.stdout
+        assert store.get(done.id).state == Completed(0.1)
+        # The worker got its SIGTERM and waits for the lock to record its end.
+        for h in holders:
+            os.killpg(h.pid, signal.SIGKILL)
+            h.wait()
+        assert identity.wait_gone(ident, 30)
+        assert run_bin("Task.stat", {"dbg": "d", "id": tid}).json["state"] == ["Failed", "Cancelled"]
+        assert not out.exists()
+        assert run_bin("Task.destroy", {"dbg": "d", "id": done.id}).returncode == 0
+    finally:
+        for h in holders:
+            if h.poll() is None:
+                os.killpg(h.pid, signal.SIGKILL)
+                h.wait()
+    report("lock held by another process", trials=1, faults_injected=2, failures=0)
+
+
+def test_cancel_of_a_worker_stopped_while_holding_the_lock(store, state_dir, monkeypatch):
+    """Promise (issue 12, item 3): a worker stopped inside a store write
+    (here a stand-in holding both the task's mark and its lock, as a
+    SIGSTOPped worker would) does not block Task.cancel, and the grace
+    timer runs: after the grace the worker is SIGKILLed and the task ends
+    Failed Cancelled."""
+    monkeypatch.setenv("TASK_LOCK_WAIT", "0.2")
+    monkeypatch.setenv("TASK_CANCEL_GRACE", "0.5")
+    task = store.create("stopped-writer")
+    mark = os.path.join(str(state_dir), "pending", task.id)
+    lock = os.path.join(str(state_dir), "locks", task.id)
+    p = subprocess.Popen(["sh", "-c", 'read go; exec flock "$1" sleep 60 7<"$0"', mark, lock],
+                         start_new_session=True, stdin=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while identity.identity(p.pid) is None or open("/proc/%d/comm" % p.pid).read().strip() != "sh":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        ident = dict(identity.identity(p.pid), fd=7)
+        store.annotate(task.id, lambda t: setattr(t, "worker", ident))
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+        _wait_held(lock, p)
+        os.kill(p.pid, signal.SIGSTOP)
+        assert identity.matches(ident) and identity.holds(ident, store.mark(task.id))
+        res = run_bin("Task.cancel", {"dbg": "d", "id": task.id}, timeout=30)
+        assert (res.returncode, res.json) == (0, None), res.stdout
+        assert p.wait(30) == -signal.SIGKILL  # by the watchdog, without the lock
+        deadline = time.monotonic() + 20
+        while (state := run_bin("Task.stat", {"dbg": "d", "id": task.id}).json["state"])[0] == "Pending":
+            assert time.monotonic() < deadline, state
+            time.sleep(0.05)
+        assert state == ["Failed", "Cancelled"]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    report("stopped lock holder", trials=1, faults_injected=1, failures=0)
+
+
+def _damage(state_dir, task_id, kind, victim):
+    """Put ``kind`` of damage at ``locks/<id>``."""
+    lock = os.path.join(str(state_dir), "locks", task_id)
+    os.unlink(lock)
+    if kind == "symlink to a file":
+        os.symlink(victim, lock)
+    elif kind == "symlink loop":
+        os.symlink(lock, lock)
+    elif kind == "dangling symlink":
+        os.symlink(victim + ".nowhere", lock)
+    elif kind == "directory":
+        os.mkdir(lock)
+        open(os.path.join(lock, "inside"), "w").close()
+    elif kind == "fifo":
+        os.mkfifo(lock)
+    elif kind == "missing":
+        pass
+
+
+DAMAGE = ("symlink to a file", "symlink loop", "dangling symlink", "directory", "fifo", "missing")
+
+
+def test_destroy_works_on_a_task_with_a_damaged_lock(store, state_dir, tmp_path):
+    """Promise (issue 12, item 6): whatever sits at ``locks/<id>`` (a
+    symlink, a loop, a directory, a FIFO, nothing), Task.destroy removes a
+    finished task, Task.stat reconciles a lost one, and nothing outside the
+    store is touched (the symlink's target keeps its content)."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    trials = 0
+    for kind in DAMAGE:
+        done = store.create("damaged-" + kind)
+        store.transition(done.id, lambda t: Completed(0.1))
+        _damage(state_dir, done.id, kind, str(victim))
+        res = run_bin("Task.destroy", {"dbg": "d", "id": done.id})
+        assert (res.returncode, res.json) == (0, None), (kind, res.stdout)
+        assert run_bin("Task.stat", {"dbg": "d", "id": done.id}).error_name == "Task_does_not_exist", kind
+        lost = store.create("lost-" + kind)
+        ident = dead_identity()
+        store.annotate(lost.id, lambda t, ident=ident: setattr(t, "worker", ident))
+        _damage(state_dir, lost.id, kind, str(victim))
+        res = run_bin("Task.stat", {"dbg": "d", "id": lost.id})
+        assert res.returncode == 0 and res.json["state"][0] == "Failed", (kind, res.stdout)
+        assert run_bin("Task.destroy", {"dbg": "d", "id": lost.id}).returncode == 0, kind
+        assert victim.read_text() == "keep me\n", kind
+        trials += 2
+    assert store.ids() == []
+    assert task_file_problems(state_dir) == []
+    report("damaged lock files", trials=trials, faults_injected=trials, kinds=len(DAMAGE), failures=0)
+
+
+def test_worker_on_a_full_state_directory_records_why_it_stopped(tiny_fs, tmp_path, monkeypatch):
+    """Promise (issue 12, item 5): workers that meet a full state directory
+    (here stopped just after they start, then let go once it is full) each
+    end Completed (progress is advisory) or Failed saying there was no
+    space for the task file; never ``Worker lost``."""
+    state = tiny_fs / "state"
+    monkeypatch.setenv("TASK_STATE_DIR", str(state))
+    monkeypatch.setenv("TASK_SYSLOG", "0")
+    from ops import write_steps
+
+    outcomes = {}
+    with Store(str(state)) as store:
+        for n in range(3):
+            out = tmp_path / ("out%d" % n)
+            tid = worker.start("full-%d" % n, write_steps, {"path": str(out), "steps": 20, "delay": 0.01}, store=store)
+            ident = store.get(tid).worker
+            os.kill(ident["pid"], signal.SIGSTOP)
+            filler = _fill(str(tiny_fs))
+            os.kill(ident["pid"], signal.SIGCONT)
+            assert identity.wait_gone(ident, 30)
+            final = store.get(tid).state  # recorded while the disk is still full
+            os.unlink(filler)
+            if isinstance(final, Completed):
+                outcomes["Completed"] = outcomes.get("Completed", 0) + 1
+                assert out.read_text().count("step") == 20
+            else:
+                assert "No space left on device" in final.message and "Worker lost" not in final.message, final
+                assert not out.exists()
+                outcomes["Failed, no space"] = outcomes.get("Failed, no space", 0) + 1
+            store.destroy(tid)
+    report("workers meeting a full state directory", trials=3, faults_injected=3, outcomes=outcomes, failures=0)

@@ -21,7 +21,12 @@ SYSLOG = "TASK_SYSLOG"
 """``1`` forces syslog, ``0`` forces ``logs/<id>.log`` files; unset: syslog
 when ``/dev/log`` exists."""
 
+LOCK_WAIT = "TASK_LOCK_WAIT"
+"""Seconds a call waits for a task's lock before answering ``Task_busy``
+(default 2)."""
+
 DEFAULT_CANCEL_GRACE = 5.0
+DEFAULT_LOCK_WAIT = 2.0
 MAX_INPUT = 1 << 20
 """The largest params object or request body accepted, in bytes."""
 
@@ -63,3 +68,9 @@ def use_syslog() -> bool:
     if forced in ("0", "1"):
         return forced == "1"
     return os.path.exists("/dev/log")
+
+
+def lock_wait() -> float:
+    """Seconds a call waits for a task's lock (a worker writes its task in
+    milliseconds: a longer hold means a stopped or stuck process)."""
+    return seconds(LOCK_WAIT, DEFAULT_LOCK_WAIT)

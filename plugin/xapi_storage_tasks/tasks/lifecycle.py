@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from xapi_storage_tasks import settings
 from xapi_storage_tasks.tasks import log
 from xapi_storage_tasks.process import identity
-from xapi_storage_tasks.wire.errors import InternalError, TaskCorrupt, TaskDoesNotExist
+from xapi_storage_tasks.wire.errors import InternalError, TaskBusy, TaskCorrupt, TaskDoesNotExist
 from xapi_storage_tasks.tasks.record import Task
 from xapi_storage_tasks.tasks.state import CANCELLED, Failed, State
 from xapi_storage_tasks.tasks.store import Store
@@ -118,11 +118,26 @@ def _decide(store: Store) -> Callable[[Task], Optional[State]]:
 
 
 def reconcile(store: Store, task_id: str) -> Task:
-    """Return the task, first making its state true to its worker's."""
+    """Return the task, first making its state true to its worker's.
+
+    A worker overdue after a cancel is SIGKILLed before the task's lock is
+    taken (it may be the very process holding it, stopped mid-write). If
+    the lock stays busy for the store's bounded wait, the task is returned
+    as read, and a later call settles it."""
     task = store.get(task_id)
-    if not _needs_action(store, task, time.time()):
+    now = time.time()
+    if not _needs_action(store, task, now):
         return task
-    return store.transition(task_id, _decide(store))
+    worker = task.worker
+    if worker is not None and task.cancel is not None and _vouched(store, task):
+        log.task_event(store, task, "worker pid %d ignored SIGTERM for %.1fs: SIGKILL" % (worker["pid"], now - task.cancel))
+        identity.signal_worker(worker, signal.SIGKILL, store.mark(task_id))
+        identity.wait_gone(worker, 2.0)
+    try:
+        return store.transition(task_id, _decide(store))
+    except TaskBusy as e:
+        log.task_event(store, task, "not reconciled now: %s" % e)
+        return task
 
 
 def reconcile_pending(store: Store) -> None:
@@ -138,24 +153,21 @@ def reconcile_pending(store: Store) -> None:
             store.forget_stale_marker(task_id, START_TIMEOUT)
         except TaskCorrupt:
             pass
-        except InternalError as e:  # e.g. a full disk: still list what exists
+        except (InternalError, TaskBusy) as e:  # e.g. a full disk: still list what exists
             log.store_event(store, "could not reconcile task %s: %s" % (task_id, e))
 
 
 def request_cancel(store: Store, task_id: str) -> Task:
-    """Durably mark the cancel request, then SIGTERM the verified worker.
-    A finished task is left alone. Returns the task."""
+    """Durably record the cancel request, then SIGTERM the verified worker;
+    neither needs the task's lock, so a cancel returns promptly even while
+    a stopped process holds it. A finished task is left alone. Returns the
+    task."""
     task = reconcile(store, task_id)
     if task.state.terminal:
         return task
-    first = task.cancel is None
-
-    def mark(t: Task) -> None:
-        if t.cancel is None:
-            t.cancel = time.time()
-
-    if first:
-        task = store.annotate(task_id, mark)
+    first = store.request_cancel(task_id)
+    if task.cancel is None:
+        task.cancel = store.cancel_time(task_id)
     if task.worker is None:
         log.task_event(store, task, "cancel requested before the worker started")
         return task  # the worker honours it as soon as it records itself

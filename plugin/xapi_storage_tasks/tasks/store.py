@@ -6,7 +6,14 @@ Layout of the state directory (mode 0700, files 0600)::
     tmp/              temporary files being written, renamed into tasks/;
                       a destroyed task's file on its way out
     locks/<id>        per-task lock file (flock; the kernel drops it if the
-                      holder dies)
+                      holder dies). A call waits for it at most
+                      ``TASK_LOCK_WAIT`` seconds, then answers Task_busy; a
+                      damaged lock (a symlink, a directory...) is moved
+                      aside to tmp/ and replaced
+    cancels/<id>      empty file: a cancel was requested at its mtime.
+                      Written without the task's lock, so a cancel never
+                      waits for a stopped writer; merged into the record
+                      by every read, removed once the task is finished
     pending/<id>      empty marker while the task is Pending, so reconciling
                       live tasks costs nothing per finished task; also the
                       task's *mark*: its worker holds it open (and flocked)
@@ -38,7 +45,14 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 from xapi_storage_tasks import settings
 from xapi_storage_tasks.tasks import ids
 from xapi_storage_tasks.tasks import log
-from xapi_storage_tasks.wire.errors import InternalError, StateDirInvalid, TaskCorrupt, TaskDoesNotExist, TaskInProgress
+from xapi_storage_tasks.wire.errors import (
+    InternalError,
+    StateDirInvalid,
+    TaskBusy,
+    TaskCorrupt,
+    TaskDoesNotExist,
+    TaskInProgress,
+)
 from xapi_storage_tasks.tasks.state import Pending, State, check
 from xapi_storage_tasks.tasks.record import Task
 
@@ -113,13 +127,35 @@ def _unlink(name: str, dir_fd: int) -> None:
         os.unlink(name, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
+    except IsADirectoryError:  # damage: an empty directory goes too
+        try:
+            os.rmdir(name, dir_fd=dir_fd)
+        except OSError:
+            pass
+
+
+def _flock(fd: int, wait: float) -> bool:
+    """Take an exclusive flock on ``fd`` within ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    delay = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 0.02)
 
 
 class Store:
     """A state directory. Cheap to open: one directory per method call."""
 
-    def __init__(self, path: Optional[str] = None) -> None:
+    def __init__(self, path: Optional[str] = None, lock_wait: Optional[float] = None) -> None:
         self.path = os.path.abspath(path or settings.state_dir())
+        self.lock_wait = settings.lock_wait() if lock_wait is None else lock_wait
         self._root = _open_dir(self.path)
         self._dirs: Dict[str, int] = {}
 
@@ -138,7 +174,7 @@ class Store:
 
     def dir_fd(self, name: str) -> int:
         """Descriptor of subdirectory ``name`` (tasks, tmp, locks, pending,
-        logs)."""
+        cancels, logs)."""
         fd = self._dirs.get(name)
         if fd is None:
             fd = self._dirs[name] = _open_dir(name, self._root, os.path.join(self.path, name))
@@ -178,7 +214,39 @@ class Store:
                 raise ValueError("file holds id %r" % task.id)
         except ValueError as e:  # includes JSON and UTF-8 errors
             raise self._corrupt(task_id, str(e)) from None
+        if task.cancel is None and not task.state.terminal:
+            task.cancel = self.cancel_time(task_id)
         return task
+
+    def cancel_time(self, task_id: str) -> Optional[float]:
+        """When a cancel of the task was requested (see
+        :meth:`request_cancel`), or None."""
+        try:
+            st = os.stat(task_id, dir_fd=self.dir_fd("cancels"), follow_symlinks=False)
+        except OSError:
+            return None
+        return st.st_mtime if stat.S_ISREG(st.st_mode) else None
+
+    def request_cancel(self, task_id: str) -> bool:
+        """Durably record a cancel request without taking the task's lock;
+        True if it is the first one."""
+        cancels = self.dir_fd("cancels")
+        with _io("cannot record the cancel of task %s" % task_id):
+            try:
+                os.close(os.open(task_id, _O_NEW, 0o600, dir_fd=cancels))
+            except FileExistsError:
+                return False
+            try:
+                os.fsync(cancels)
+            except OSError:
+                _unlink(task_id, cancels)  # reported as not done: leave nothing
+                raise
+        try:  # destroyed meanwhile: leave no request behind
+            os.stat(task_id + ".json", dir_fd=self.dir_fd("tasks"), follow_symlinks=False)
+        except FileNotFoundError:
+            _unlink(task_id, cancels)
+            raise TaskDoesNotExist(task_id) from None
+        return True
 
     def _corrupt(self, task_id: str, why: str) -> TaskCorrupt:
         log.store_event(self, "task %s is corrupt: %s" % (task_id, why))
@@ -207,17 +275,50 @@ class Store:
         with _io("cannot make task %s durable (fsync of its directory)" % task.id):
             os.fsync(d)
 
-    @contextlib.contextmanager
-    def _locked(self, task_id: str) -> Iterator[None]:
+    def _open_lock(self, task_id: str) -> int:
+        """The task's lock file, opened; damage (missing, a symlink, a
+        directory, a FIFO...) is repaired: a usable lock is what makes the
+        task destroyable."""
         locks = self.dir_fd("locks")
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        for _ in range(5):
+            try:
+                fd = os.open(task_id, flags, dir_fd=locks)
+            except FileNotFoundError:
+                # Only damage removes a lock file while the task file remains.
+                try:
+                    os.stat(task_id + ".json", dir_fd=self.dir_fd("tasks"), follow_symlinks=False)
+                except FileNotFoundError:
+                    raise TaskDoesNotExist(task_id) from None
+                try:
+                    fd = os.open(task_id, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=locks)
+                except FileExistsError:
+                    continue  # someone else repaired it first
+            except OSError as e:  # ELOOP, EISDIR, ENXIO...: not a lock file
+                self._move_aside(task_id, e.strerror or str(e))
+                continue
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                return fd
+            os.close(fd)
+            self._move_aside(task_id, "not a regular file")
+        raise InternalError("cannot open the lock file of task %s" % task_id)
+
+    def _move_aside(self, task_id: str, why: str) -> None:
+        log.store_event(self, "lock file of task %s is damaged (%s): moved to tmp/ and replaced" % (task_id, why))
+        with _io("cannot move the damaged lock of task %s aside" % task_id):
+            try:
+                os.rename(task_id, "%s.damaged-lock.%s" % (task_id, os.urandom(4).hex()),
+                          src_dir_fd=self.dir_fd("locks"), dst_dir_fd=self.dir_fd("tmp"))
+            except FileNotFoundError:
+                pass
+
+    @contextlib.contextmanager
+    def _locked(self, task_id: str, wait: Optional[float] = None) -> Iterator[None]:
+        fd = self._open_lock(task_id)
         try:
-            fd = os.open(task_id, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=locks)
-        except FileNotFoundError:
-            # Only damage removes a lock file while the task file remains.
-            self.get(task_id)
-            fd = os.open(task_id, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=locks)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            wait = self.lock_wait if wait is None else wait
+            if not _flock(fd, wait):
+                raise TaskBusy(task_id, "its lock has been held by another process for %gs; retry" % wait)
             if os.fstat(fd).st_nlink == 0:  # destroyed while we waited
                 raise TaskDoesNotExist(task_id)
             yield
@@ -246,7 +347,7 @@ class Store:
             os.close(fd)
         return task
 
-    def transition(self, task_id: str, decide: Callable[[Task], Optional[State]]) -> Task:
+    def transition(self, task_id: str, decide: Callable[[Task], Optional[State]], wait: Optional[float] = None) -> Task:
         """The one function that changes a task's state.
 
         Under the task's lock, ``decide(task)`` returns the new state, or
@@ -254,9 +355,10 @@ class Store:
         fields (e.g. clear ``artifacts`` it has removed). The change must be
         in :data:`xapi_storage_tasks.tasks.state.ALLOWED`, else
         :class:`xapi_storage_tasks.tasks.state.TransitionRefused` is raised and nothing is
-        written. Returns the task as stored afterwards.
+        written. Returns the task as stored afterwards. The lock is waited
+        for ``wait`` seconds (default: the store's), then Task_busy.
         """
-        with self._locked(task_id):
+        with self._locked(task_id, wait):
             task = self.get(task_id)
             new = decide(task)
             if new is None:
@@ -268,10 +370,10 @@ class Store:
             self.forget_marker(task_id)
         return task
 
-    def annotate(self, task_id: str, mutate: Callable[[Task], object]) -> Task:
+    def annotate(self, task_id: str, mutate: Callable[[Task], object], wait: Optional[float] = None) -> Task:
         """Change a task's private fields under its lock: ``mutate(task)``
         edits them in place. Changing the state here is refused."""
-        with self._locked(task_id):
+        with self._locked(task_id, wait):
             task = self.get(task_id)
             before = task.state
             mutate(task)
@@ -298,6 +400,7 @@ class Store:
             with _io("cannot destroy task %s" % task_id):
                 _unlink(task_id + ".log", self.dir_fd("logs"))
                 _unlink(task_id, self.dir_fd("pending"))
+                _unlink(task_id, self.dir_fd("cancels"))
                 for name in os.listdir(tmp):  # a crashed writer's leftovers
                     if name.startswith(task_id):
                         _unlink(name, tmp)
@@ -343,12 +446,14 @@ class Store:
         return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
 
     def forget_marker(self, task_id: str) -> None:
-        """Drop the Pending marker of a finished task (best effort: a stale
-        marker only costs ``ls`` one more look at the task)."""
-        try:
-            _unlink(task_id, self.dir_fd("pending"))
-        except OSError:
-            pass
+        """Drop the Pending marker and cancel request of a finished task
+        (best effort: a stale marker only costs ``ls`` one more look at the
+        task)."""
+        for name in ("pending", "cancels"):
+            try:
+                _unlink(task_id, self.dir_fd(name))
+            except OSError:
+                pass
 
     def sweep_tmp(self, age: float) -> None:
         """Remove what processes killed midway left in ``tmp/``: temporary

@@ -16,6 +16,7 @@ removed and the task ends Failed ``Cancelled``.
 """
 
 import contextlib
+import json
 import os
 import signal
 import time
@@ -26,13 +27,20 @@ from xapi_storage_tasks.process import identity
 from xapi_storage_tasks.process.spawn import Readiness, spawn
 from xapi_storage_tasks.tasks import lifecycle, log
 from xapi_storage_tasks.tasks.record import Task
+from xapi_storage_tasks.tasks.reserve import Reserve
 from xapi_storage_tasks.tasks.state import CANCELLED, Completed, Pending, State, TransitionRefused
 from xapi_storage_tasks.tasks.store import Store
-from xapi_storage_tasks.wire.errors import PluginError, TaskDoesNotExist, TaskInProgress
+from xapi_storage_tasks.wire.errors import InternalError, PluginError, TaskBusy, TaskDoesNotExist, TaskInProgress
 
 START_WAIT = 10.0
 PROGRESS_INTERVAL = 0.25
 HEARTBEAT_INTERVAL = 2.0
+LOCK_WAIT = 60.0
+"""Seconds a worker waits for its task's lock for the writes that matter
+(artifacts, the end); progress never waits."""
+FINAL_PATIENCE = 300.0
+"""Seconds a worker keeps trying to record its task's end when the state
+directory refuses the write (after freeing its :mod:`reserve`)."""
 
 Operation = Callable[..., Any]
 """``op(ctx, **args)``: returns the Completed result (None or a wire value)."""
@@ -59,6 +67,7 @@ class Context:
         self._interruptible = False
         self._last_write = 0.0
         self._progress = 0.0
+        self._progress_skipped = False
 
     def listen_for_cancel(self) -> None:
         """Make SIGTERM a cancel request (call before anyone can learn our
@@ -104,7 +113,11 @@ class Context:
 
     def progress(self, fraction: float, force: bool = False) -> None:
         """Report progress in [0, 1]. Written at most every 0.25 s (and at
-        least every 2 s while reported, as a heartbeat)."""
+        least every 2 s while reported, as a heartbeat).
+
+        Progress is advisory: a write that cannot be made now (a full or
+        failing state directory, the task's lock busy) is skipped and the
+        operation goes on; the next report tries again."""
         fraction = float(fraction)
         now = time.monotonic()
         due = now - self._last_write
@@ -114,9 +127,15 @@ class Context:
         self._progress = max(self._progress, fraction)
         with self.critical():
             try:
-                self.store.transition(self.task_id, lambda t: Pending(fraction))
+                self.store.transition(self.task_id, lambda t: Pending(fraction), wait=0)
             except (TransitionRefused, TaskDoesNotExist):
                 raise TaskGone() from None
+            except (InternalError, TaskBusy) as e:
+                if not self._progress_skipped:
+                    log.task_event(self.store, self.store.get(self.task_id), "progress not recorded, going on: %s" % e)
+                self._progress_skipped = True
+            else:
+                self._progress_skipped = False
             self._last_write = now
 
     def declare_artifact(self, path: str) -> None:
@@ -263,7 +282,7 @@ def launch(store: Store, task_id: str, func: Operation, args: Dict[str, Any]) ->
 
 
 def _work(path: str, task_id: str, func: Operation, args: Dict[str, Any], readiness: Readiness) -> None:
-    store = Store(path)
+    store = Store(path, lock_wait=LOCK_WAIT)
     task = store.get(task_id)
     ctx = Context(store, task)
     ctx.listen_for_cancel()  # before anyone can learn our pid
@@ -276,6 +295,7 @@ def _work(path: str, task_id: str, func: Operation, args: Dict[str, Any], readin
     ident = identity.identity()
     assert ident is not None  # this process is alive
     ident["fd"] = mark
+    reserve = Reserve(store, len(json.dumps(task.to_disk())))
 
     def record(t: Task) -> None:
         if t.state.terminal:  # given up on while we were starting
@@ -302,10 +322,10 @@ def _work(path: str, task_id: str, func: Operation, args: Dict[str, Any], readin
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         log.task_event(store, task, "operation returned after %.3fs, peak RSS %d KiB" % (duration, peak))
-        store.transition(task_id, complete)
+        _record_end(store, task_id, complete, reserve)
         log.task_event(store, task, "completed")
     except Cancelled:
-        _finish_failed(store, task_id, CANCELLED)
+        _finish_failed(store, task_id, CANCELLED, reserve)
     except TaskGone:
         log.task_event(store, task, "task finished or destroyed elsewhere; worker exits")
     except BaseException as exc:
@@ -316,11 +336,28 @@ def _work(path: str, task_id: str, func: Operation, args: Dict[str, Any], readin
         import traceback  # only failures pay for it
 
         log.task_event(store, task, "operation raised:\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-        _finish_failed(store, task_id, message)
+        _finish_failed(store, task_id, message, reserve)
 
 
-def _finish_failed(store: Store, task_id: str, message: str) -> None:
+def _record_end(store: Store, task_id: str, decide: Callable[[Task], Optional[State]], reserve: Reserve) -> None:
+    """Record the task's end; when the state directory refuses the write
+    (full, failing, the lock held), free the reserve and keep trying for
+    :data:`FINAL_PATIENCE` seconds."""
+    deadline = time.monotonic() + FINAL_PATIENCE
+    while True:
+        try:
+            store.transition(task_id, decide)
+            return
+        except (InternalError, TaskBusy):
+            if reserve.release():
+                continue
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(1.0)
+
+
+def _finish_failed(store: Store, task_id: str, message: str, reserve: Reserve) -> None:
     try:
-        store.transition(task_id, lambda t: lifecycle.fail_and_undo(store, t, message))
+        _record_end(store, task_id, lambda t: lifecycle.fail_and_undo(store, t, message), reserve)
     except (TransitionRefused, TaskDoesNotExist):
         pass

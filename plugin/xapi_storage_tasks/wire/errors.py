@@ -68,6 +68,13 @@ class TaskCorrupt(PluginError):
     name = "Task_corrupt"
 
 
+class TaskBusy(PluginError):
+    """The task's lock stayed held by another process for the whole bounded
+    wait (``TASK_LOCK_WAIT``); nothing changed. Retry."""
+
+    name = "Task_busy"
+
+
 class StateDirInvalid(PluginError):
     """The state directory is missing, unsafe (foreign owner, writable by
     others, a symlink) or otherwise unusable."""
