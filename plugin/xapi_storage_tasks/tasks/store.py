@@ -74,9 +74,9 @@ def _check_dir(fd: int, path: str) -> None:
         raise StateDirInvalid(path, "writable by group or others (mode %o)" % (st.st_mode & 0o777))
 
 
-def _open_dir(name: str, dir_fd: Optional[int] = None, label: Optional[str] = None) -> int:
-    """Open (creating with 0700 if needed) a directory, never via a symlink."""
-    label = label or name
+def _open_dir(name: str, dir_fd: int, label: str) -> int:
+    """Open (creating with 0700 if needed) subdirectory ``name`` of
+    ``dir_fd``, never via a symlink."""
     for attempt in (1, 2):
         try:
             fd = os.open(name, _O_DIR, dir_fd=dir_fd)
@@ -85,10 +85,7 @@ def _open_dir(name: str, dir_fd: Optional[int] = None, label: Optional[str] = No
             if attempt == 2:
                 raise StateDirInvalid(label, "vanished while being created") from None
             try:
-                if dir_fd is None:
-                    os.makedirs(name, mode=0o700, exist_ok=True)
-                else:
-                    os.mkdir(name, 0o700, dir_fd=dir_fd)
+                os.mkdir(name, 0o700, dir_fd=dir_fd)
             except FileExistsError:
                 pass
             except OSError as e:
@@ -100,6 +97,47 @@ def _open_dir(name: str, dir_fd: Optional[int] = None, label: Optional[str] = No
             raise StateDirInvalid(label, why) from None
     try:
         _check_dir(fd, label)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_root(path: str) -> int:
+    """Open the state directory ``path`` (absolute) one component at a
+    time from ``/``, never through a symlink: a symlink anywhere in the
+    path (not only its last component) could send the store elsewhere, so
+    it is refused, naming the component. Missing components are created
+    (mode 0700)."""
+    parts = [p for p in path.split("/") if p]
+    fd = os.open("/", _O_DIR)
+    try:
+        for i in range(len(parts)):
+            here = "/" + "/".join(parts[: i + 1])
+            try:
+                child = os.open(parts[i], _O_DIR, dir_fd=fd)
+            except FileNotFoundError:
+                try:
+                    os.mkdir(parts[i], 0o700, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                except OSError as e:
+                    raise StateDirInvalid(path, "cannot create %s: %s" % (here, e.strerror)) from None
+                try:
+                    child = os.open(parts[i], _O_DIR, dir_fd=fd)
+                except OSError as e:
+                    raise StateDirInvalid(path, "%s: %s" % (here, e.strerror)) from None
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR) and _is_symlink(parts[i], fd):
+                    why = "is a symlink" if i == len(parts) - 1 else "its parent %s is a symlink" % here
+                elif i == len(parts) - 1:
+                    why = e.strerror or str(e)
+                else:
+                    why = "%s: %s" % (here, e.strerror)
+                raise StateDirInvalid(path, why) from None
+            os.close(fd)
+            fd = child
+        _check_dir(fd, path)
     except BaseException:
         os.close(fd)
         raise
@@ -156,7 +194,7 @@ class Store:
     def __init__(self, path: Optional[str] = None, lock_wait: Optional[float] = None) -> None:
         self.path = os.path.abspath(path or settings.state_dir())
         self.lock_wait = settings.lock_wait() if lock_wait is None else lock_wait
-        self._root = _open_dir(self.path)
+        self._root = _open_root(self.path)
         self._dirs: Dict[str, int] = {}
 
     def close(self) -> None:
