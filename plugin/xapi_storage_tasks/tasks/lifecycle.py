@@ -20,7 +20,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from xapi_storage_tasks import settings
-from xapi_storage_tasks.tasks import log
+from xapi_storage_tasks.tasks import log, retention
 from xapi_storage_tasks.process import identity
 from xapi_storage_tasks.wire.errors import InternalError, TaskBusy, TaskCorrupt, TaskDoesNotExist
 from xapi_storage_tasks.tasks.record import Task
@@ -124,8 +124,15 @@ def reconcile(store: Store, task_id: str) -> Task:
     taken (it may be the very process holding it, stopped mid-write). If
     the lock stays busy for the store's bounded wait, the task is returned
     as read, and a later call settles it."""
+    retention.sweep(store)
     task = store.get(task_id)
     now = time.time()
+    if retention.expired(task, now):
+        try:
+            store.destroy(task_id, wait=0)
+        except TaskBusy:
+            return task  # a later call destroys it
+        raise TaskDoesNotExist(task_id)
     if not _needs_action(store, task, now):
         return task
     worker = task.worker
@@ -144,11 +151,13 @@ def reconcile_pending(store: Store) -> None:
     """Reconcile every task marked Pending (for ``ls``); drop stale
     markers and temporary files. Unreadable tasks are left for ``stat`` to
     report."""
+    retention.sweep(store)
     store.sweep_tmp(START_TIMEOUT)
     for task_id in store.pending_ids():
         try:
-            if reconcile(store, task_id).state.terminal:
-                store.forget_marker(task_id)
+            task = reconcile(store, task_id)
+            if task.state.terminal:
+                store.finished(task)
         except TaskDoesNotExist:
             store.forget_stale_marker(task_id, START_TIMEOUT)
         except TaskCorrupt:

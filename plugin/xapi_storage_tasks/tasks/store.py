@@ -20,6 +20,9 @@ Layout of the state directory (mode 0700, files 0600)::
                       for its whole life, which is how the kernel vouches
                       for the worker before any signal
                       (see xapi_storage_tasks.process.identity.holds)
+    ended/<b>/<id>    empty entry per finished task, in the bucket of its end
+                      time (b = end // 60 s): how retention finds expired
+                      tasks without reading or listing every task
     logs/<id>.log     per-task log when there is no syslog
 
 Every directory is opened relative to the root with O_NOFOLLOW, so symlinks
@@ -47,6 +50,7 @@ from xapi_storage_tasks.tasks import ids
 from xapi_storage_tasks.tasks import log
 from xapi_storage_tasks.wire.errors import (
     InternalError,
+    PluginError,
     StateDirInvalid,
     TaskBusy,
     TaskCorrupt,
@@ -58,6 +62,8 @@ from xapi_storage_tasks.tasks.record import Task
 
 MAX_TASK_FILE = 1 << 20
 TOMBSTONE = ".destroyed"
+ENDED_WIDTH = 60
+"""Seconds of end times per ``ended/`` bucket."""
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -172,6 +178,10 @@ def _unlink(name: str, dir_fd: int) -> None:
             pass
 
 
+def _bucket(when: float) -> int:
+    return int(when // ENDED_WIDTH)
+
+
 def _flock(fd: int, wait: float) -> bool:
     """Take an exclusive flock on ``fd`` within ``wait`` seconds."""
     deadline = time.monotonic() + wait
@@ -194,6 +204,8 @@ class Store:
     def __init__(self, path: Optional[str] = None, lock_wait: Optional[float] = None) -> None:
         self.path = os.path.abspath(path or settings.state_dir())
         self.lock_wait = settings.lock_wait() if lock_wait is None else lock_wait
+        self.swept = False
+        """Set once retention has run with this store (once per call)."""
         self._root = _open_root(self.path)
         self._dirs: Dict[str, int] = {}
 
@@ -405,7 +417,7 @@ class Store:
             task.updated = time.time()
             self._write(task)
         if task.state.terminal:
-            self.forget_marker(task_id)
+            self.finished(task)
         return task
 
     def annotate(self, task_id: str, mutate: Callable[[Task], object], wait: Optional[float] = None) -> Task:
@@ -420,13 +432,13 @@ class Store:
             self._write(task)
         return task
 
-    def destroy(self, task_id: str) -> None:
+    def destroy(self, task_id: str, wait: Optional[float] = None) -> None:
         """Remove every file of a finished (or unreadable) task.
 
         Raises TaskInProgress for a Pending task, TaskDoesNotExist for an
-        unknown one.
+        unknown one, TaskBusy if its lock stays held ``wait`` seconds.
         """
-        with self._locked(task_id):
+        with self._locked(task_id, wait):
             try:
                 task = self.get(task_id)
             except TaskCorrupt:
@@ -453,6 +465,8 @@ class Store:
                 os.fsync(tasks)
                 _unlink(task_id, self.dir_fd("locks"))
                 _unlink(tomb, tmp)
+            if task is not None:
+                self.unindex(_bucket(task.updated), task_id)
 
     def hold_mark(self, task_id: str) -> int:
         """(In the worker, before it records its identity.) Open the task's
@@ -483,6 +497,61 @@ class Store:
             return None
         return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
 
+    def finished(self, task: Task) -> None:
+        """Index a finished task by its end time (``ended/``), then drop
+        its Pending marker and cancel request. Best effort: if the index
+        entry cannot be made, the marker stays and the next ``ls`` (which
+        reconciles marked tasks) tries again."""
+        try:
+            ended = self.dir_fd("ended")
+            bucket = str(_bucket(task.updated))
+            try:
+                os.mkdir(bucket, 0o700, dir_fd=ended)
+            except FileExistsError:
+                pass
+            fd = os.open(bucket, _O_DIR, dir_fd=ended)
+            try:
+                os.close(os.open(task.id, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=fd))
+            finally:
+                os.close(fd)
+        except (OSError, PluginError):
+            return
+        self.forget_marker(task.id)
+
+    def unindex(self, bucket: int, task_id: str) -> None:
+        """Drop a task's ``ended/`` entry, and its bucket once empty."""
+        try:
+            ended = self.dir_fd("ended")
+            fd = os.open(str(bucket), _O_DIR, dir_fd=ended)
+            try:
+                _unlink(task_id, fd)
+            finally:
+                os.close(fd)
+            os.rmdir(str(bucket), dir_fd=ended)
+        except (OSError, PluginError):
+            pass  # not there, or not empty
+
+    def ended_before(self, bucket: int, limit: int) -> List[Tuple[int, str]]:
+        """Up to ``limit`` ``(bucket, id)`` entries of tasks that ended in
+        buckets before ``bucket``, oldest buckets first. Reads the bucket
+        names and only as many entries as it returns."""
+        ended = self.dir_fd("ended")
+        found: List[Tuple[int, str]] = []
+        for b in sorted(int(n) for n in os.listdir(ended) if n.isdigit() and int(n) < bucket):
+            try:
+                fd = os.open(str(b), _O_DIR, dir_fd=ended)
+            except OSError:
+                continue
+            try:
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        found.append((b, entry.name))
+                        if len(found) >= limit:
+                            return found
+            finally:
+                os.close(fd)
+        return found
+
     def forget_marker(self, task_id: str) -> None:
         """Drop the Pending marker and cancel request of a finished task
         (best effort: a stale marker only costs ``ls`` one more look at the
@@ -501,12 +570,28 @@ class Store:
         for name in os.listdir(tmp):
             try:
                 if name.endswith(TOMBSTONE):
-                    _unlink(name[: -len(TOMBSTONE)], self.dir_fd("locks"))
+                    task_id = name[: -len(TOMBSTONE)]
+                    self._unindex_tombstone(name, task_id)
+                    _unlink(task_id, self.dir_fd("locks"))
                     _unlink(name, tmp)
                 elif now - os.stat(name, dir_fd=tmp, follow_symlinks=False).st_mtime > age:
                     _unlink(name, tmp)
             except OSError:
                 pass
+
+    def _unindex_tombstone(self, name: str, task_id: str) -> None:
+        """A destroy died after its commit point: the tombstone is the task
+        file it renamed away, and names the retention entry to drop."""
+        try:
+            fd = os.open(name, _O_READ, dir_fd=self.dir_fd("tmp"))
+            try:
+                data = os.read(fd, MAX_TASK_FILE + 1)
+            finally:
+                os.close(fd)
+            updated = json.loads(data.decode("utf-8"))["updated"]
+            self.unindex(_bucket(float(updated)), task_id)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable: a sweep drops the entry once it is due
 
     def forget_stale_marker(self, task_id: str, age: float) -> None:
         """Remove the marker and lock left by a ``create`` that died before
