@@ -150,7 +150,8 @@ def test_worker_killed_at_every_store_write(crash_store, state_dir, tmp_path):
     log.store_event(crash_store, "crash points: logs/ exists before the trace, as in every trial")
     xapi_storage_tasks.tasks.store.os = OSProxy(CrashAt(0, trace=trace))
     try:
-        tid = worker.start("trace", write_steps, {"path": str(tmp_path / "trace.out"), "steps": 2, "delay": 0.01}, store=crash_store)
+        tid = worker.start("trace", write_steps, {"path": str(tmp_path / "trace.out"), "steps": 2, "delay": 0.01},
+                           store=crash_store)
     finally:
         xapi_storage_tasks.tasks.store.os = REAL_OS
     assert identity.wait_gone(crash_store.get(tid).worker, 10)
@@ -193,7 +194,7 @@ def test_worker_killed_at_random_times(crash_store, state_dir, tmp_path):
     while done < trials:
         running = []
 
-        def kill_due(force=False):
+        def kill_due(force=False, running=running):
             nonlocal killed_running, already_done
             now = time.monotonic()
             for item in running:
@@ -390,7 +391,8 @@ def test_cancel_caller_killed_at_random_points(crash_store, state_dir, tmp_path)
     steps, delay = 15, 0.02
     times = []
     for i in range(3):  # how long a full cancel of a running worker takes here
-        tid = worker.start("calibrate", write_steps, {"path": str(tmp_path / ("cal%d" % i)), "steps": steps, "delay": delay}, store=crash_store)
+        args = {"path": str(tmp_path / ("cal%d" % i)), "steps": steps, "delay": delay}
+        tid = worker.start("calibrate", write_steps, args, store=crash_store)
         t0 = time.monotonic()
         assert run_bin("Task.cancel", {"dbg": "d", "id": tid}).returncode == 0
         times.append(time.monotonic() - t0)
@@ -400,7 +402,8 @@ def test_cancel_caller_killed_at_random_points(crash_store, state_dir, tmp_path)
     for trial in range(trials):
         out = str(tmp_path / ("c%d" % trial))
         ignore = trial % 4 == 3  # a stuck worker: only SIGKILL ends it early
-        tid = worker.start("cancel-crash", write_steps, {"path": out, "steps": steps, "delay": delay, "ignore_term": ignore}, store=crash_store)
+        args = {"path": out, "steps": steps, "delay": delay, "ignore_term": ignore}
+        tid = worker.start("cancel-crash", write_steps, args, store=crash_store)
         ident = crash_store.get(tid).worker
         code, stdout, was_killed = run_killed([os.path.join(BIN, "Task.cancel"), "--json"],
                                               json.dumps({"dbg": "d", "id": tid}).encode(), r.uniform(0.5, 1.5) * median)
@@ -412,7 +415,8 @@ def test_cancel_caller_killed_at_random_points(crash_store, state_dir, tmp_path)
         _settle(state_dir, tid, ident, out, steps, stats, real=(trial % 4 == 0))
     # Exact instants: just before / after each store write of the cancel.
     trace = str(tmp_path / "cancel.trace")
-    tid = worker.start("cancel-trace", write_steps, {"path": str(tmp_path / "ct"), "steps": steps, "delay": delay}, store=crash_store)
+    args = {"path": str(tmp_path / "ct"), "steps": steps, "delay": delay}
+    tid = worker.start("cancel-trace", write_steps, args, store=crash_store)
     ident = crash_store.get(tid).worker
     assert fork_call("Task.cancel", {"dbg": "d", "id": tid}, hook=lambda pid: CrashAt(0, where="self", trace=trace))[0] == 0
     _wait_worker_end(ident)
@@ -510,7 +514,8 @@ def test_destroy_caller_killed_at_random_points(crash_store, state_dir, tmp_path
     for pending in (False, True):
         tid, art = _destroy_subject(crash_store, tmp_path, "trace-%d" % pending, pending)
         trace = str(tmp_path / ("destroy-%d.trace" % pending))
-        assert fork_call("Task.destroy", {"dbg": "d", "id": tid}, hook=lambda pid: CrashAt(0, where="self", trace=trace))[0] == 0
+        assert fork_call("Task.destroy", {"dbg": "d", "id": tid},
+                         hook=lambda pid, trace=trace: CrashAt(0, where="self", trace=trace))[0] == 0
         with open(trace) as f:
             points = len(f.readlines())
         for n in range(1, points + 1):

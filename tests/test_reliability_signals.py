@@ -100,7 +100,8 @@ def test_cancel_never_signals_a_non_worker(store, state_dir, monkeypatch, guarde
             "bystander in the runner's group id": dict(r, pgid=os.getpgrp()),
             "test runner itself": identity.identity(),
             "init": dict(identity.identity(1), pgid=1),
-            "pid 1 with its own start": {"pid": 1, "start": identity.identity(1)["start"], "pgid": 1, "boot_id": identity.boot_id()},
+            "pid 1 with its own start": {"pid": 1, "start": identity.identity(1)["start"], "pgid": 1,
+                                         "boot_id": identity.boot_id()},
             "pid -1 (everyone)": dict(r, pid=-1, pgid=-1),
             "pid 0 (own group)": dict(r, pid=0, pgid=0),
             "pid as a string": dict(r, pid=str(r["pid"]), pgid=str(r["pgid"])),
@@ -122,7 +123,7 @@ def test_cancel_never_signals_a_non_worker(store, state_dir, monkeypatch, guarde
         stats = _run_all("Task.stat", task_ids)
         elapsed = time.monotonic() - t0
         states = {}
-        for name, tid, (c_code, c_out), (s_code, s_out) in zip(names, task_ids, cancels, stats):
+        for name, (c_code, c_out), (s_code, s_out) in zip(names, cancels, stats):
             assert (c_code, c_out) == (0, b"null\n"), (name, c_code, c_out)
             assert s_code == 0, (name, s_out)
             states[name] = json.loads(s_out)["state"][0]

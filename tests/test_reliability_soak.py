@@ -35,7 +35,7 @@ from xapi_storage_tasks.tasks import ids
 from xapi_storage_tasks.process import identity
 from xapi_storage_tasks.tasks import api as task_api
 from xapi_storage_tasks.tasks import worker
-from xapi_storage_tasks.tasks.state import Completed, Failed
+from xapi_storage_tasks.tasks.state import Completed
 from xapi_storage_tasks.tasks.store import Store
 from xapi_storage_tasks.tasks.record import Task
 
@@ -263,7 +263,8 @@ def test_concurrent_callers_soak(state_dir, monkeypatch, tmp_path):
            terminal_states_seen_by_callers=dict(Counter(seen_final.values())),
            failed_with_finished_output=len(undeclared),
            cancels_issued_on_pending=len(cancelled_while_pending),
-           their_final_states=dict(Counter(_raw_state(state_dir, t) or "destroyed" for t in cancelled_while_pending)), file_reads=reads["files"], vanished_reads=reads["vanished"],
+           their_final_states=dict(Counter(_raw_state(state_dir, t) or "destroyed" for t in cancelled_while_pending)),
+           file_reads=reads["files"], vanished_reads=reads["vanished"],
            torn_reads=len(torn), unexpected_errors=len(unexpected))
     assert unexpected == []
     assert torn == []

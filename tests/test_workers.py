@@ -14,7 +14,7 @@ from conftest import ROOT, run_bin
 from xapi_storage_tasks.tasks import lifecycle
 from xapi_storage_tasks.process import identity
 from xapi_storage_tasks.tasks import worker
-from xapi_storage_tasks.tasks.state import CANCELLED, Completed, Failed, Pending
+from xapi_storage_tasks.tasks.state import CANCELLED, Completed, Failed
 from xapi_storage_tasks.tasks.store import Store
 
 STARTER = os.path.join(ROOT, "tests", "start_task.py")

@@ -129,7 +129,7 @@ def reconcile(store: Store, task_id: str) -> Task:
     now = time.time()
     if retention.expired(task, now):
         try:
-            store.destroy(task_id, wait=0)
+            store.destroy(task_id, wait=0, durable=False)
         except TaskBusy:
             return task  # a later call destroys it
         raise TaskDoesNotExist(task_id)

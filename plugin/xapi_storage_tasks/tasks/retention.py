@@ -23,7 +23,7 @@ from xapi_storage_tasks.tasks.record import Task
 from xapi_storage_tasks.tasks.store import ENDED_WIDTH, Store
 from xapi_storage_tasks.wire.errors import PluginError, TaskBusy, TaskDoesNotExist, TaskInProgress
 
-PER_CALL = 8
+PER_CALL = 4
 """Expired tasks destroyed at most per call."""
 SCAN = 32
 """``ended/`` entries examined at most per call."""
@@ -53,7 +53,7 @@ def sweep(store: Store) -> int:
             if removed >= PER_CALL:
                 break
             try:
-                store.destroy(task_id, wait=0)
+                store.destroy(task_id, wait=0, durable=False)
                 removed += 1
             except TaskDoesNotExist:
                 store.unindex(bucket, task_id)  # destroyed already: a stale entry

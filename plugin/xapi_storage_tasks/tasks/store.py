@@ -432,11 +432,13 @@ class Store:
             self._write(task)
         return task
 
-    def destroy(self, task_id: str, wait: Optional[float] = None) -> None:
+    def destroy(self, task_id: str, wait: Optional[float] = None, durable: bool = True) -> None:
         """Remove every file of a finished (or unreadable) task.
 
         Raises TaskInProgress for a Pending task, TaskDoesNotExist for an
         unknown one, TaskBusy if its lock stays held ``wait`` seconds.
+        ``durable=False`` skips the directory fsync (for retention: a
+        destroy lost in a crash is simply done again).
         """
         with self._locked(task_id, wait):
             try:
@@ -462,7 +464,8 @@ class Store:
                     os.rename(task_id + ".json", tomb, src_dir_fd=tasks, dst_dir_fd=tmp)
                 except FileNotFoundError:
                     pass
-                os.fsync(tasks)
+                if durable:
+                    os.fsync(tasks)
                 _unlink(task_id, self.dir_fd("locks"))
                 _unlink(tomb, tmp)
             if task is not None:
