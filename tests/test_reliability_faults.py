@@ -604,3 +604,54 @@ def test_worker_on_a_full_state_directory_records_why_it_stopped(tiny_fs, tmp_pa
                 outcomes["Failed, no space"] = outcomes.get("Failed, no space", 0) + 1
             store.destroy(tid)
     report("workers meeting a full state directory", trials=3, faults_injected=3, outcomes=outcomes, failures=0)
+
+
+def test_destroy_works_on_any_damaged_task(store, state_dir, tmp_path):
+    """Promise (issue 12, item 6): Task.destroy is the operator's way out
+    of any damaged task: its file a symlink (to a file outside the store,
+    left untouched), a directory, torn JSON; its Pending marker or cancel
+    request a directory. Each is destroyed and nothing of it remains."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    root = str(state_dir)
+
+    def task_file_symlink(tid):
+        path = os.path.join(root, "tasks", tid + ".json")
+        os.unlink(path)
+        os.symlink(str(victim), path)
+
+    def task_file_directory(tid):
+        path = os.path.join(root, "tasks", tid + ".json")
+        os.unlink(path)
+        os.mkdir(path)
+
+    def task_file_torn(tid):
+        with open(os.path.join(root, "tasks", tid + ".json"), "w") as f:
+            f.write('{"version": 1, "id": ')
+
+    def marker_directory(tid):
+        os.mkdir(os.path.join(root, "pending", tid))
+
+    def cancel_directory(tid):
+        os.makedirs(os.path.join(root, "cancels", tid))
+
+    damages = (task_file_symlink, task_file_directory, task_file_torn, marker_directory, cancel_directory)
+    for damage in damages:
+        task = store.create(damage.__name__)
+        store.transition(task.id, lambda t: Completed(0.1))
+        damage(task.id)
+        res = run_bin("Task.destroy", {"dbg": "d", "id": task.id})
+        assert (res.returncode, res.json) == (0, None), (damage.__name__, res.stdout)
+        assert run_bin("Task.stat", {"dbg": "d", "id": task.id}).error_name == "Task_does_not_exist", damage.__name__
+        left = [os.path.join(d, n) for d in ("tasks", "locks", "pending", "cancels", "logs")
+                for n in _listdir(os.path.join(root, d)) if n.startswith(task.id)]
+        assert left == [], (damage.__name__, left)
+    assert victim.read_text() == "keep me\n"
+    report("damaged tasks destroyed", trials=len(damages), faults_injected=len(damages), failures=0)
+
+
+def _listdir(path):
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
