@@ -140,7 +140,7 @@ def test_concurrent_transitions_are_serialized(store, state_dir):
         import sys
         sys.path.insert(0, sys.argv[1])
         from xapi_storage_tasks.tasks.store import Store
-        s = Store(sys.argv[2])
+        s = Store(sys.argv[2], lock_wait=60)  # a writer that must not give up, as a worker
         for _ in range(50):
             s.annotate(sys.argv[3], lambda t: t.artifacts.append("x"))
         """

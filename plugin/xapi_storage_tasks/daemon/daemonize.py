@@ -205,7 +205,7 @@ def detach(keep_fds: Sequence[int], pidfile: Optional[str]) -> Readiness:
     readiness = Readiness()
     if spawn.detach(keep_fds, PidFile(pidfile) if pidfile else None, readiness):
         return readiness
-    started, why = readiness.wait(60.0)
+    started, why = readiness.wait(60.0, until_closed=True)
     if started:
         os._exit(0)
     sys.stderr.write("%s: %s\n" % (PROG, why or "the daemon exited during start-up"))

@@ -60,8 +60,11 @@ class Readiness:
             os.close(self._r)
             self._r = -1
 
-    def wait(self, timeout: float) -> Tuple[Optional[bool], str]:
-        """(Starter side) wait up to ``timeout`` seconds for the verdict.
+    def wait(self, timeout: float, until_closed: bool = False) -> Tuple[Optional[bool], str]:
+        """(Starter side) wait up to ``timeout`` seconds for the verdict;
+        with ``until_closed``, also for the sender to close its end (so,
+        once this returns, the detached process holds nothing of the
+        handshake).
         Returns ``(True, "")`` when ready, ``(False, why)`` when the process
         refused or exited without a word (``why`` is then empty), and
         ``(None, "")`` when it said nothing in time (it may still start)."""
@@ -76,10 +79,10 @@ class Readiness:
                         return None, ""
                     break
                 data = os.read(self._r, 4096)
-                if not data:
+                if not data:  # the sender has closed its end: the verdict is whole
                     break
                 chunks.append(data)
-                if chunks[0][:1] == _READY:
+                if chunks[0][:1] == _READY and not until_closed:
                     break
         finally:
             os.close(self._r)

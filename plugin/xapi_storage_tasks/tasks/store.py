@@ -195,7 +195,7 @@ def _flock(fd: int, wait: float) -> bool:
             if left <= 0:
                 return False
             time.sleep(min(delay, left))
-            delay = min(delay * 2, 0.02)
+            delay = min(delay * 2, 0.005)
 
 
 class Store:
