@@ -7,7 +7,11 @@ Figures:
   its artifact removed, for a worker that honours SIGTERM (goal: median
   under 100 ms);
 - the cost of one progress write (atomic, fsynced), and what that costs a
-  worker at the maximum rate of 4 writes per second.
+  worker at the maximum rate of 4 writes per second;
+- retention: ``Task.stat`` and ``Task.ls`` with ``--tasks`` (default
+  100,000) expired tasks waiting to be destroyed (each call destroys at
+  most 4), against the same call on a small store, and ``Task.ls`` against
+  the same big store with retention off (what the sweep adds).
 """
 
 import json
@@ -22,10 +26,11 @@ from harness import BIN, ROOT, bench_env, row, time_command
 sys.path[:0] = [os.path.join(ROOT, "plugin"), os.path.join(ROOT, "tests")]
 
 from ops import write_steps  # noqa: E402
-from xapi_storage_tasks.process import identity as proc
-from xapi_storage_tasks.tasks import worker  # noqa: E402
-from xapi_storage_tasks.tasks.state import Pending  # noqa: E402
-from xapi_storage_tasks.tasks.store import Store  # noqa: E402
+from xapi_storage_tasks.process import identity  # noqa: E402
+from xapi_storage_tasks.tasks import ids, worker  # noqa: E402
+from xapi_storage_tasks.tasks.record import Task  # noqa: E402
+from xapi_storage_tasks.tasks.state import Completed, Pending  # noqa: E402
+from xapi_storage_tasks.tasks.store import ENDED_WIDTH, Store  # noqa: E402
 
 STARTER = os.path.join(ROOT, "tests", "start_task.py")
 
@@ -46,7 +51,7 @@ def _cancel_latency(state, tmp, env, repeat):
                 time.sleep(0.0005)
             samples.append(time.perf_counter() - t0)
             assert store.get(task_id).state.message == "Cancelled"
-            proc.wait_gone(store.get(task_id).worker, 10)
+            identity.wait_gone(store.get(task_id).worker, 10)
     return samples
 
 
@@ -58,6 +63,69 @@ def _progress_cost(state, count=200):
             store.transition(task.id, lambda t, i=i: Pending(i / count))
         each = (time.perf_counter() - t0) / count
     return each
+
+
+def _populate_expired(path, count, ended_ago=7200.0, minutes=100):
+    """``count`` finished tasks that ended ``ended_ago`` seconds ago (spread
+    over ``minutes`` minutes), written as the store writes them (task file,
+    lock, retention entry) but without fsync: set-up, not measured."""
+    with Store(path) as store:
+        tasks, locks, ended = store.dir_fd("tasks"), store.dir_fd("locks"), store.dir_fd("ended")
+        start = time.time() - ended_ago - 60 * minutes
+        for i in range(count):
+            end = start + 60 * minutes * i / count
+            task = Task(ids.new_id(int((end - 1) * 1e9)), "bench", end - 1, Completed(1.0), updated=end)
+            fd = os.open(task.id + ".json", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=tasks)
+            os.write(fd, json.dumps(task.to_disk()).encode())
+            os.close(fd)
+            os.close(os.open(task.id, os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=locks))
+            bucket = str(int(end // ENDED_WIDTH))
+            try:
+                os.mkdir(bucket, 0o700, dir_fd=ended)
+            except FileExistsError:
+                pass
+            os.close(os.open("%s/%s" % (bucket, task.id), os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=ended))
+    os.sync()  # the measured calls must not pay for writing back the set-up
+
+
+def _small_store(path):
+    """Ten recently finished tasks and one Pending; returns a finished id."""
+    with Store(path) as store:
+        for _ in range(10):
+            task = store.create("bench")
+            store.transition(task.id, lambda t: Completed(0.1))
+        store.create("bench")
+        return task.id
+
+
+def _retention(args, tmp, n):
+    small, big = os.path.join(tmp, "small"), os.path.join(tmp, "big")
+    small_id = _small_store(small)
+    big_id = _small_store(big)
+    _populate_expired(big, args.tasks)
+    py = sys.executable
+    stat, ls = [py, os.path.join(BIN, "Task.stat"), "--json"], [py, os.path.join(BIN, "Task.ls"), "--json"]
+    keep = {"TASK_RETENTION": 3600}
+    rows = []
+    for name, argv, params in (("Task.stat", stat, "id"), ("Task.ls", ls, None)):
+        small_in = json.dumps({"dbg": "b", "id": small_id} if params else {"dbg": "b"}).encode()
+        big_in = json.dumps({"dbg": "b", "id": big_id} if params else {"dbg": "b"}).encode()
+        # Interleaved, so both see the same machine state.
+        base, waiting, off = [], [], []
+        for _ in range(n):
+            base += time_command(argv, small_in, bench_env(TASK_STATE_DIR=small, **keep), 1)
+            waiting += time_command(argv, big_in, bench_env(TASK_STATE_DIR=big, **keep), 1)
+            if name == "Task.ls":
+                off += time_command(argv, big_in, bench_env(TASK_STATE_DIR=big, TASK_RETENTION=0), 1)
+        label = "%s, %d expired tasks waiting" % (name, args.tasks)
+        rows.append(row(label, waiting, baseline=base, baseline_name="11 tasks", goal="flat" if params else None))
+        if off:
+            rows.append(row(label + " (the sweep)", waiting, baseline=off, baseline_name="retention off", goal="flat"))
+    with Store(big) as store:
+        left = len(store.ids())
+    print("# retention: %d of %d expired tasks left after %d calls (at most 4 per call)"
+          % (left - 11, args.tasks, (3 * n)), file=sys.stderr)
+    return rows
 
 
 def run(args):
@@ -78,4 +146,5 @@ def run(args):
         rows.append(row("one progress write (atomic, fsynced)", each, goal=None))
         share = [4 * e for e in each]
         rows.append(row("progress overhead at 4 writes/s", share, unit="%", scale=100, goal="small"))
+        rows.extend(_retention(args, tmp, n))
     return rows

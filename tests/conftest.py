@@ -3,6 +3,7 @@ executables in bin/ as subprocesses."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -72,3 +73,24 @@ def run_bin(method, stdin=b"", args=("--json",), env=None, timeout=30):
 def call():
     """``call(method, params)``: the toolstack's way, ``--json`` and stdin."""
     return run_bin
+
+
+def kill_leftover_daemons(volumes):
+    """SIGKILL every qemu-storage-daemon a test left running in ``volumes``
+    (only those the kernel vouches for: alive and holding their pidfile)."""
+    from xapi_storage_tasks.datapath.qsd import mark_fd
+    from xapi_storage_tasks.process import identity
+
+    if not os.path.isdir(volumes):
+        return
+    for name in os.listdir(volumes):
+        if name.endswith(".qsd"):
+            path = os.path.join(volumes, name)
+            with open(path) as f:
+                ident = json.load(f)["identity"]
+            try:
+                st = os.stat(path[: -len(".qsd")] + ".pid")  # its mark: QEMU holds its pidfile open
+            except OSError:
+                continue
+            ident["fd"] = mark_fd(ident["pid"], (st.st_dev, st.st_ino))
+            identity.signal_worker(ident, signal.SIGKILL, (st.st_dev, st.st_ino))

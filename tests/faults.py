@@ -282,18 +282,18 @@ class Bystander:
     """A process that must survive: ``sleep 60`` in its own session,
     optionally as another user (uid/gid 65534 through setpriv)."""
 
-    def __init__(self, uid=None, argv=("sleep", "60")):
+    def __init__(self, uid=None, argv=("sleep", "60"), comm=None):
         argv = list(argv)
-        comm = os.path.basename(argv[0])
+        comm = comm or os.path.basename(argv[0])
         if uid is not None:
             argv = ["setpriv", "--reuid=%d" % uid, "--regid=%d" % uid, "--clear-groups", *argv]
         self.popen = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL)
         self.pid = self.popen.pid
-        from xapi_storage_tasks.process import identity as proc
+        from xapi_storage_tasks.process import identity
 
         deadline = time.monotonic() + 5
         while True:  # wait until setpriv has exec'd the program
-            ident = proc.identity(self.pid)
+            ident = identity.identity(self.pid)
             try:
                 with open("/proc/%d/comm" % self.pid) as f:
                     seen = f.read().strip()
@@ -372,9 +372,9 @@ def fork_call(method, stdin, hook=None, args=("--json",)):
                 import xapi_storage_tasks.tasks.store
 
                 xapi_storage_tasks.tasks.store.os = OSProxy(hook(os.getpid()))
-            from xapi_storage_tasks import entry as runner
+            from xapi_storage_tasks import entry
 
-            code = runner.main([os.path.join(BIN, method), *args])
+            code = entry.main([os.path.join(BIN, method), *args])
             sys.stdout.flush()
         except BaseException:
             pass
@@ -424,7 +424,7 @@ def names_errno(text, err):
 def kill_live_workers(state_dir):
     """Teardown: SIGKILL every worker still alive that a task file in
     ``state_dir`` names (only verified identities). Returns how many."""
-    from xapi_storage_tasks.process import identity as proc
+    from xapi_storage_tasks.process import identity
 
     killed = 0
     tasks = os.path.join(str(state_dir), "tasks")
@@ -434,13 +434,13 @@ def kill_live_workers(state_dir):
                 ident = json.loads(f.read()).get("worker")
         except (OSError, ValueError, AttributeError):
             continue
-        if isinstance(ident, dict) and proc.matches(ident) and ident.get("pid") == ident.get("pgid"):
+        if isinstance(ident, dict) and identity.matches(ident) and ident.get("pid") == ident.get("pgid"):
             try:
                 pidfd = os.pidfd_open(ident["pid"])
             except OSError:
                 continue
             try:
-                if proc.matches(ident) and pidfd_kill(pidfd):
+                if identity.matches(ident) and pidfd_kill(pidfd):
                     killed += 1
                     wait_pidfd(pidfd, 5)
             finally:
@@ -448,9 +448,18 @@ def kill_live_workers(state_dir):
     return killed
 
 
+def stand_in_worker(state_dir, task_id):
+    """A sleeper that holds the task's mark (``pending/<id>``) open on
+    descriptor 7, as a real worker does: the identity it returns is
+    vouched for by the kernel. Returns ``(bystander, identity)``."""
+    mark = os.path.join(str(state_dir), "pending", task_id)
+    b = Bystander(argv=("sh", "-c", 'exec sleep 60 7<"$0"', mark), comm="sleep")
+    return b, dict(b.identity, fd=7)
+
+
 def dead_identity():
     """The identity of a process that has exited (well-formed, this boot)."""
-    from xapi_storage_tasks.process import identity as proc
+    from xapi_storage_tasks.process import identity
 
     p = subprocess.Popen(["sleep", "60"], start_new_session=True)
     try:
@@ -460,7 +469,7 @@ def dead_identity():
                 if f.read().strip() == "sleep":
                     break
             time.sleep(0.005)
-        ident = proc.identity(p.pid)
+        ident = identity.identity(p.pid)
     finally:
         p.kill()
         p.wait()

@@ -2,7 +2,6 @@
 controllable time, and declares that file as its artifact, so tests can
 check rollback. Not a mock: it runs in a real detached worker."""
 
-import os
 import signal
 import time
 
@@ -15,8 +14,7 @@ def write_steps(ctx, path, steps=10, delay=0.05, ignore_term=False, fail_at=-1):
     SIGTERM (as a stuck worker would); ``fail_at`` raises at that step."""
     if ignore_term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    ctx.declare_artifact(path)
-    with open(path, "w") as f:
+    with open(ctx.create_artifact(path), "w") as f:
         for i in range(steps):
             if i == fail_at:
                 raise RuntimeError("boom at step %d" % i)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import BIN, run_bin
+from conftest import BIN, kill_leftover_daemons, run_bin
 from xapi_storage_tasks.nbd.protocol import Client
 from xapi_storage_tasks.process import identity
 
@@ -45,9 +45,7 @@ def volumes(state_dir):
     """Every daemon a test leaves running is stopped (a test that failed
     midway must not leak qemu-storage-daemons)."""
     yield state_dir / "volumes"
-    for path in (state_dir / "volumes").glob("*.qsd") if (state_dir / "volumes").exists() else ():
-        ident = json.loads(path.read_text())["identity"]
-        identity.signal_worker(ident, signal.SIGKILL)
+    kill_leftover_daemons(str(state_dir / "volumes"))
 
 
 def dp(method, uri, domain, **env):

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_bin
+from conftest import ROOT, kill_leftover_daemons, run_bin
 from xapi_storage_tasks.nbd.protocol import Client
 from xapi_storage_tasks.process import identity
 
@@ -65,9 +65,7 @@ def servers():
 @pytest.fixture
 def volumes(state_dir):
     yield state_dir / "volumes"
-    if (state_dir / "volumes").exists():
-        for path in (state_dir / "volumes").glob("*.qsd"):
-            identity.signal_worker(json.loads(path.read_text())["identity"], signal.SIGKILL)
+    kill_leftover_daemons(str(state_dir / "volumes"))
 
 
 def qemu_nbd_target(servers, tmp_path):

@@ -5,7 +5,8 @@ every store write; afterwards the store must be whole and truthful.
 After every crash: every file in ``tasks/`` parses, nothing but
 ``<id>.json`` is in ``tasks/``, every task is terminal on the next
 ``Task.stat`` once its worker is gone (Pending with a dead worker turns
-Failed), no declared artifact of a Failed task is left on disk and
+Failed), no artifact a Failed task recorded as created is left on disk
+(one it declared but was killed before recording may remain) and
 ``Task.ls`` still works.
 
 Counts: ``RELIABILITY_TRIALS`` (random worker kills, default 200),
@@ -41,7 +42,7 @@ from faults import (
 )
 from ops import write_steps
 from xapi_storage_tasks.tasks import log
-from xapi_storage_tasks.process import identity as proc
+from xapi_storage_tasks.process import identity
 from xapi_storage_tasks.tasks import api as task_api
 from xapi_storage_tasks.tasks import worker
 from xapi_storage_tasks.wire.errors import TaskDoesNotExist
@@ -63,12 +64,25 @@ def crash_store(state_dir, monkeypatch):
 
 
 def _declared(state_dir, task_id):
-    """The artifacts the task file declares right now (raw read)."""
+    """The artifacts the task file declares right now (raw read): the
+    declared paths and those recorded as created by the task."""
     try:
         with open(os.path.join(str(state_dir), "tasks", task_id + ".json"), "rb") as f:
-            return json.loads(f.read())["artifacts"]
+            record = json.loads(f.read())
+        return record["artifacts"], list(record.get("created", {}))
     except FileNotFoundError:
-        return []
+        return [], []
+
+
+def _left_unrecorded(state_dir, task_id, out):
+    """The task's log says cleanup left ``out`` because the task had not
+    recorded creating it."""
+    try:
+        with open(os.path.join(str(state_dir), "logs", task_id + ".log")) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return False
+    return "artifact %s not removed: never recorded as created" % out in text
 
 
 def _stat(task_id, real):
@@ -93,9 +107,14 @@ def _check_after(state_dir, task_id, out, steps, declared, real_stat, stats):
         with open(out) as f:
             assert f.read().count("step") == steps, "Completed task %s has an incomplete output" % task_id
     else:
-        for path in declared:
-            assert not os.path.exists(path), "declared artifact %s of Failed task %s left on disk" % (path, task_id)
-        if os.path.exists(out):
+        declared, created = declared
+        for path in created:
+            assert not os.path.exists(path), "created artifact %s of Failed task %s left on disk" % (path, task_id)
+        if os.path.exists(out) and _left_unrecorded(state_dir, task_id, out):
+            # Killed between creating the file and recording its identity:
+            # cleanup cannot prove the file is the task's, so it stays.
+            stats["left_unrecorded"] = stats.get("left_unrecorded", 0) + 1
+        elif os.path.exists(out):
             # Only a finished output the operation had already undeclared
             # (forget_artifact) may remain; a partial one is a leaked artifact.
             with open(out) as f:
@@ -131,10 +150,11 @@ def test_worker_killed_at_every_store_write(crash_store, state_dir, tmp_path):
     log.store_event(crash_store, "crash points: logs/ exists before the trace, as in every trial")
     xapi_storage_tasks.tasks.store.os = OSProxy(CrashAt(0, trace=trace))
     try:
-        tid = worker.start("trace", write_steps, {"path": str(tmp_path / "trace.out"), "steps": 2, "delay": 0.01}, store=crash_store)
+        tid = worker.start("trace", write_steps, {"path": str(tmp_path / "trace.out"), "steps": 2, "delay": 0.01},
+                           store=crash_store)
     finally:
         xapi_storage_tasks.tasks.store.os = REAL_OS
-    assert proc.wait_gone(crash_store.get(tid).worker, 10)
+    assert identity.wait_gone(crash_store.get(tid).worker, 10)
     with open(trace) as f:
         points = len(f.readlines())
     assert points >= 20, "the worker made %d store writes" % points
@@ -149,7 +169,7 @@ def test_worker_killed_at_every_store_write(crash_store, state_dir, tmp_path):
                 xapi_storage_tasks.tasks.store.os = REAL_OS
             ident = crash_store.get(tid).worker
             if ident is not None:
-                assert proc.wait_gone(ident, 10)
+                assert identity.wait_gone(ident, 10)
             declared = _declared(state_dir, tid)
             state = _check_after(state_dir, tid, out, 2, declared, real_stat=(trials % 10 == 0), stats=stats)
             if state[0] == "Failed" and os.path.exists(out):
@@ -174,7 +194,7 @@ def test_worker_killed_at_random_times(crash_store, state_dir, tmp_path):
     while done < trials:
         running = []
 
-        def kill_due(force=False):
+        def kill_due(force=False, running=running):
             nonlocal killed_running, already_done
             now = time.monotonic()
             for item in running:
@@ -184,7 +204,7 @@ def test_worker_killed_at_random_times(crash_store, state_dir, tmp_path):
                     item["killed"] = True
                     # Workers that exited stay zombies where init does not reap:
                     # count as a fault only a kill of a process still running.
-                    if proc.matches(item["ident"]) and pidfd_kill(item["pidfd"]):
+                    if identity.matches(item["ident"]) and pidfd_kill(item["pidfd"]):
                         killed_running += 1
                     else:
                         pidfd_kill(item["pidfd"])
@@ -197,7 +217,7 @@ def test_worker_killed_at_random_times(crash_store, state_dir, tmp_path):
             pidfd = None
             try:
                 pidfd = os.pidfd_open(ident["pid"])
-                if not proc.matches(ident):  # exited (and the pid maybe reused) already
+                if not identity.matches(ident):  # exited (and the pid maybe reused) already
                     os.close(pidfd)
                     pidfd = None
             except ProcessLookupError:
@@ -230,11 +250,13 @@ def _writer(path, ids, arts, complete_at, ack_fd):
     each write on ``ack_fd``. Task 0 completes at iteration complete_at."""
     os.setpgid(0, 0)
     with Store(path) as s:
-        me = proc.identity()
+        me = identity.identity()
         for tid, art in zip(ids, arts):
             def adopt(t, art=art):
                 t.worker = me
                 t.artifacts.append(art)
+                st = os.stat(art)
+                t.created[art] = [st.st_dev, st.st_ino]
             s.annotate(tid, adopt)
         os.write(ack_fd, b"R\n")
         done = set()
@@ -342,7 +364,7 @@ def _calibrate(method, params, runs=3):
 
 def _wait_worker_end(ident, timeout=15):
     if ident is not None:
-        assert proc.wait_gone(ident, timeout), "worker %d still running" % ident["pid"]
+        assert identity.wait_gone(ident, timeout), "worker %d still running" % ident["pid"]
 
 
 def _settle(state_dir, task_id, ident, out, steps, stats, real):
@@ -350,11 +372,11 @@ def _settle(state_dir, task_id, ident, out, steps, stats, real):
     escalation of a later stat; then the task is terminal and a Failed one
     kept no artifact."""
     deadline = time.monotonic() + 15
-    while proc.matches(ident) and time.monotonic() < deadline:
+    while identity.matches(ident) and time.monotonic() < deadline:
         task_api.stat("settle", task_id)  # after the grace this SIGKILLs a cancelled worker
         time.sleep(0.05)
     _wait_worker_end(ident)
-    return _check_after(state_dir, task_id, out, steps, [], real_stat=real, stats=stats)
+    return _check_after(state_dir, task_id, out, steps, ([], []), real_stat=real, stats=stats)
 
 
 def test_cancel_caller_killed_at_random_points(crash_store, state_dir, tmp_path):
@@ -369,7 +391,8 @@ def test_cancel_caller_killed_at_random_points(crash_store, state_dir, tmp_path)
     steps, delay = 15, 0.02
     times = []
     for i in range(3):  # how long a full cancel of a running worker takes here
-        tid = worker.start("calibrate", write_steps, {"path": str(tmp_path / ("cal%d" % i)), "steps": steps, "delay": delay}, store=crash_store)
+        args = {"path": str(tmp_path / ("cal%d" % i)), "steps": steps, "delay": delay}
+        tid = worker.start("calibrate", write_steps, args, store=crash_store)
         t0 = time.monotonic()
         assert run_bin("Task.cancel", {"dbg": "d", "id": tid}).returncode == 0
         times.append(time.monotonic() - t0)
@@ -379,7 +402,8 @@ def test_cancel_caller_killed_at_random_points(crash_store, state_dir, tmp_path)
     for trial in range(trials):
         out = str(tmp_path / ("c%d" % trial))
         ignore = trial % 4 == 3  # a stuck worker: only SIGKILL ends it early
-        tid = worker.start("cancel-crash", write_steps, {"path": out, "steps": steps, "delay": delay, "ignore_term": ignore}, store=crash_store)
+        args = {"path": out, "steps": steps, "delay": delay, "ignore_term": ignore}
+        tid = worker.start("cancel-crash", write_steps, args, store=crash_store)
         ident = crash_store.get(tid).worker
         code, stdout, was_killed = run_killed([os.path.join(BIN, "Task.cancel"), "--json"],
                                               json.dumps({"dbg": "d", "id": tid}).encode(), r.uniform(0.5, 1.5) * median)
@@ -391,7 +415,8 @@ def test_cancel_caller_killed_at_random_points(crash_store, state_dir, tmp_path)
         _settle(state_dir, tid, ident, out, steps, stats, real=(trial % 4 == 0))
     # Exact instants: just before / after each store write of the cancel.
     trace = str(tmp_path / "cancel.trace")
-    tid = worker.start("cancel-trace", write_steps, {"path": str(tmp_path / "ct"), "steps": steps, "delay": delay}, store=crash_store)
+    args = {"path": str(tmp_path / "ct"), "steps": steps, "delay": delay}
+    tid = worker.start("cancel-trace", write_steps, args, store=crash_store)
     ident = crash_store.get(tid).worker
     assert fork_call("Task.cancel", {"dbg": "d", "id": tid}, hook=lambda pid: CrashAt(0, where="self", trace=trace))[0] == 0
     _wait_worker_end(ident)
@@ -428,6 +453,8 @@ def _destroy_subject(store, tmp_path, label, pending):
         def adopt(t):
             t.worker = ident
             t.artifacts.append(art)
+            st = os.stat(art)
+            t.created[art] = [st.st_dev, st.st_ino]
 
         store.annotate(task.id, adopt)
     else:
@@ -487,7 +514,8 @@ def test_destroy_caller_killed_at_random_points(crash_store, state_dir, tmp_path
     for pending in (False, True):
         tid, art = _destroy_subject(crash_store, tmp_path, "trace-%d" % pending, pending)
         trace = str(tmp_path / ("destroy-%d.trace" % pending))
-        assert fork_call("Task.destroy", {"dbg": "d", "id": tid}, hook=lambda pid: CrashAt(0, where="self", trace=trace))[0] == 0
+        assert fork_call("Task.destroy", {"dbg": "d", "id": tid},
+                         hook=lambda pid, trace=trace: CrashAt(0, where="self", trace=trace))[0] == 0
         with open(trace) as f:
             points = len(f.readlines())
         for n in range(1, points + 1):
@@ -543,3 +571,59 @@ def test_crash_then_destroy_leaves_no_trace(crash_store, state_dir, tmp_path, wh
     left = [os.path.relpath(p, str(state_dir)) for p in _orphans(state_dir, tid)]
     report("crash then destroy (%s)" % where, trials=1, faults_injected=1, files_left=left, failures=int(bool(left)))
     assert left == [], "destroyed task %s left %s behind" % (tid, left)
+
+
+def _stopped_copy(src, target):
+    """Start a real Data.copy of ``src`` to a new file ``target`` and
+    SIGSTOP its worker while the task is still Pending; returns (task id,
+    worker identity), or None if the copy finished first."""
+    res = run_bin("Data.copy", {"dbg": "d", "uri": src, "domain": "0", "remote": "file://" + target, "blocklist": None})
+    assert res.returncode == 0, res.stdout
+    task_id = res.json[1]
+    with Store() as s:
+        ident = s.get(task_id).worker
+        os.kill(ident["pid"], signal.SIGSTOP)
+        if s.get(task_id).state.terminal:
+            os.kill(ident["pid"], signal.SIGCONT)
+            return None
+    return task_id, ident
+
+
+def test_dead_copy_worker_never_removes_a_file_put_at_its_target(crash_store, tmp_path):
+    """Promise (issue 12, item 1): a copy worker killed mid-copy while
+    another process put its own file at the target name: the next
+    Task.stat fails the task, removes the copy's own temporary file and
+    leaves the other file alone (it was never the task's to remove)."""
+    src = tmp_path / "src"
+    with open(src, "wb") as f:
+        for _ in range(64):
+            f.write(os.urandom(1 << 20))
+    out = tmp_path / "d"
+    out.mkdir()
+    trials = env_int("RELIABILITY_FOREIGN_TRIALS", 5)
+    done = lost = unrecorded = 0
+    for n in range(trials):
+        target = str(out / ("img%d" % n))
+        started = _stopped_copy(str(src), target)
+        if started is None:
+            continue
+        task_id, ident = started
+        with open(target + ".w", "w") as f:
+            f.write("precious\n")
+        os.rename(target + ".w", target)
+        os.killpg(ident["pgid"], signal.SIGKILL)  # stopped, so still ours
+        assert identity.wait_gone(ident, 10)
+        res = run_bin("Task.stat", {"dbg": "d", "id": task_id})
+        assert res.json["state"][0] == "Failed", res.json
+        with open(target) as f:
+            lost += f.read() != "precious\n"
+        for name in os.listdir(out):
+            if name.endswith(".part"):  # stopped before it recorded creating it: not provably ours
+                assert _left_unrecorded(os.environ["TASK_STATE_DIR"], task_id, str(out / name)), "temporary %s left" % name
+                unrecorded += 1
+                os.unlink(out / name)
+        done += 1
+    report("foreign file at the target name", trials=done, faults_injected=done, foreign_files_lost=lost,
+           temporaries_left_unrecorded=unrecorded, failures=lost)
+    assert done > 0, "every copy finished before its worker could be stopped"
+    assert lost == 0

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import BIN, ROOT
 from faults import dead_identity, kill_live_workers, report, tree
-from xapi_storage_tasks.process import identity as proc
+from xapi_storage_tasks.process import identity
 from xapi_storage_tasks.tasks.state import Completed
 from xapi_storage_tasks.tasks.store import Store
 
@@ -96,7 +96,7 @@ def test_modes_after_real_worker_runs(tmp_path, monkeypatch):
                 except Exception:
                     continue
                 if ident:
-                    proc.wait_gone(ident, 10)
+                    identity.wait_gone(ident, 10)
 
 
 def _populate(path):
@@ -124,10 +124,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES) + ["symlink", "tasks/ is a symlink", "not a directory"])
+@pytest.mark.parametrize("case", sorted(CASES) + ["symlink", "parent is a symlink", "tasks/ is a symlink", "not a directory"])
 def test_unsafe_state_directory_is_refused(tmp_path, case):
     """Promise: with an unsafe state directory (group- or world-writable,
-    owned by another uid, a symlink, not a directory; or such a tasks/
+    owned by another uid, a symlink or below one, not a directory; or such a tasks/
     subdirectory) every method that uses the store answers exit 1 with a
     valid State_directory_invalid record naming the reason, and nothing
     in the directory (or behind the symlink) changes, logs included."""
@@ -137,6 +137,9 @@ def test_unsafe_state_directory_is_refused(tmp_path, case):
     if case == "symlink":
         target = tmp_path / "link"
         target.symlink_to(real)
+    elif case == "parent is a symlink":  # issue 12, item 7: the whole path is checked
+        (tmp_path / "up").symlink_to(tmp_path)
+        target = tmp_path / "up" / "real"
     elif case == "tasks/ is a symlink":
         os.rename(real / "tasks", tmp_path / "elsewhere")
         (real / "tasks").symlink_to(tmp_path / "elsewhere")
@@ -167,7 +170,8 @@ def test_unsafe_state_directory_is_refused(tmp_path, case):
         code = p.wait(timeout=60)
         record = json.loads(out)
         assert code == 1, (method, out)
-        assert set(record) == {"code", "params", "backtrace"} and record["params"][0] == "State_directory_invalid", (method, record)
+        assert set(record) == {"code", "params", "backtrace"}, (method, record)
+        assert record["params"][0] == "State_directory_invalid", (method, record)
         assert all(isinstance(x, str) for x in record["params"]) and len(record["params"]) == 3
         assert err.decode().count("\n") == 1
         reasons.add(record["params"][2])

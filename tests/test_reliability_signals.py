@@ -18,7 +18,7 @@ import pytest
 from conftest import BIN, SRC, run_bin
 from faults import Bystander, report
 from xapi_storage_tasks.tasks import lifecycle
-from xapi_storage_tasks.process import identity as proc
+from xapi_storage_tasks.process import identity
 
 pytestmark = pytest.mark.reliability
 
@@ -77,14 +77,20 @@ def test_cancel_never_signals_a_non_worker(store, state_dir, monkeypatch, guarde
             member = int(kids[0]) if kids else None
             time.sleep(0.01)
         assert member is not None
-        member_ident = proc.identity(member)
+        member_ident = identity.identity(member)
         assert member_ident["pgid"] == group.pid != member
         r, n = root_sleeper.identity, nobody_sleeper.identity
         assert r["pid"] == r["pgid"] and n["pid"] == n["pgid"]
         with open("/proc/%d/status" % n["pid"]) as f:
             assert "Uid:\t%d" % NOBODY in f.read()
-        runner_group = proc.identity(os.getpgrp())
+        runner_group = identity.identity(os.getpgrp())
         forged = {
+            # The exact identity of a live bystander (issue 12, item 2):
+            # only the kernel's word that it holds the task's mark counts.
+            "exact bystander identity": r,
+            "exact bystander identity, claiming its fd 0": dict(r, fd=0),
+            "exact identity of another user's process": n,
+            "exact group leader identity": group.identity,
             "pid reused (start+1)": dict(r, start=r["start"] + 1),
             "pid reused (start-1)": dict(r, start=r["start"] - 1),
             "previous boot": dict(r, boot_id=OTHER_BOOT),
@@ -92,9 +98,10 @@ def test_cancel_never_signals_a_non_worker(store, state_dir, monkeypatch, guarde
             "other user, right start, wrong boot": dict(n, boot_id=OTHER_BOOT),
             "not a group leader": member_ident,
             "bystander in the runner's group id": dict(r, pgid=os.getpgrp()),
-            "test runner itself": proc.identity(),
-            "init": dict(proc.identity(1), pgid=1),
-            "pid 1 with its own start": {"pid": 1, "start": proc.identity(1)["start"], "pgid": 1, "boot_id": proc.boot_id()},
+            "test runner itself": identity.identity(),
+            "init": dict(identity.identity(1), pgid=1),
+            "pid 1 with its own start": {"pid": 1, "start": identity.identity(1)["start"], "pgid": 1,
+                                         "boot_id": identity.boot_id()},
             "pid -1 (everyone)": dict(r, pid=-1, pgid=-1),
             "pid 0 (own group)": dict(r, pid=0, pgid=0),
             "pid as a string": dict(r, pid=str(r["pid"]), pgid=str(r["pgid"])),
@@ -109,15 +116,19 @@ def test_cancel_never_signals_a_non_worker(store, state_dir, monkeypatch, guarde
             forged["test runner's group leader"] = runner_group
         names = sorted(forged)
         task_ids = [_forge(store, forged[name]) for name in names]
+        marks = [store.mark(tid) for tid in task_ids]
+        assert None not in marks
         t0 = time.monotonic()
         cancels = _run_all("Task.cancel", task_ids)
         stats = _run_all("Task.stat", task_ids)
         elapsed = time.monotonic() - t0
         states = {}
-        for name, tid, (c_code, c_out), (s_code, s_out) in zip(names, task_ids, cancels, stats):
+        for name, (c_code, c_out), (s_code, s_out) in zip(names, cancels, stats):
             assert (c_code, c_out) == (0, b"null\n"), (name, c_code, c_out)
             assert s_code == 0, (name, s_out)
             states[name] = json.loads(s_out)["state"][0]
+        exact = [name for name in names if name.startswith("exact")]
+        assert {states[name] for name in exact} == {"Failed"}, states  # not workers: lost, never signalled
         # A worker field that is not even an object makes the file unreadable:
         # cancel reports it and signals nobody.
         bad = store.create("tampered")
@@ -130,9 +141,9 @@ def test_cancel_never_signals_a_non_worker(store, state_dir, monkeypatch, guarde
         assert run_bin("Task.cancel", {"dbg": "d", "id": bad.id}).error_name == "Task_corrupt"
         # The same identities straight at the signalling function.
         direct, raised = [], {}
-        for name in names:
+        for name, mark in zip(names, marks):
             try:
-                direct.append(proc.signal_worker(forged[name], signal.SIGTERM))
+                direct.append(identity.signal_worker(forged[name], signal.SIGTERM, mark))
             except Exception as e:  # no signal was sent; see test_signal_worker_on_out_of_range_pid
                 direct.append(False)
                 raised[name] = type(e).__name__
@@ -141,7 +152,7 @@ def test_cancel_never_signals_a_non_worker(store, state_dir, monkeypatch, guarde
             assert b.alive(), "bystander %d was signalled (state %s)" % (b.pid, b.state())
             assert b.state() in ("S", "R", "D"), b.state()
         os.kill(member, 0)
-        assert proc.matches(member_ident), "group member was signalled"
+        assert identity.matches(member_ident), "group member was signalled"
         assert guarded == [], "the test runner got SIGTERM"
         assert direct == [False] * len(names), dict(zip(names, direct))
         stuck = sorted(name for name, s in states.items() if s == "Pending")
@@ -163,17 +174,17 @@ def test_cancel_from_a_caller_whose_own_identity_is_the_worker(store, state_dir,
     script = (
         "import json, os, sys\n"
         "sys.path.insert(0, %r)\n"
-        "from xapi_storage_tasks.process import identity as proc\n"
+        "from xapi_storage_tasks.process import identity\n"
         "from xapi_storage_tasks.tasks.store import Store\n"
         "with Store() as s:\n"
-        "    s.annotate(%r, lambda t: setattr(t, 'worker', proc.identity()))\n"
+        "    s.annotate(%r, lambda t: setattr(t, 'worker', identity.identity()))\n"
         "os.execv(%r, [%r, '--json'])\n"
     ) % (SRC, task.id, os.path.join(BIN, "Task.cancel"), os.path.join(BIN, "Task.cancel"))
     p = subprocess.run([sys.executable, "-c", script], input=json.dumps({"dbg": "d", "id": task.id}).encode(),
                        capture_output=True, timeout=30, start_new_session=True)
     ident = store.get(task.id).worker
     report("caller's own identity", trials=1, faults_injected=1, exit=p.returncode, failures=int(p.returncode != 0))
-    assert ident["pid"] == ident["pgid"] and not proc.matches(ident)  # it was the caller, now gone
+    assert ident["pid"] == ident["pgid"] and not identity.matches(ident)  # it was the caller, now gone
     assert (p.returncode, p.stdout) == (0, b"null\n"), (p.returncode, p.stdout, p.stderr)
 
 
@@ -181,7 +192,7 @@ def test_in_process_cancel_of_own_identity(store, guarded):
     """Promise: lifecycle.request_cancel in a process whose own identity is
     recorded as the worker never signals that process (its own pid)."""
     task = store.create("own")
-    store.annotate(task.id, lambda t: setattr(t, "worker", proc.identity()))
+    store.annotate(task.id, lambda t: setattr(t, "worker", identity.identity()))
     lifecycle.request_cancel(store, task.id)
     time.sleep(0.1)
     report("own pid in-process", trials=1, faults_injected=1, sigterm_received=len(guarded), failures=len(guarded))
@@ -216,12 +227,12 @@ def test_unsignallable_identity_does_not_keep_a_task_pending(store, monkeypatch)
 
 
 def test_signal_worker_on_out_of_range_pid():
-    """Promise: proc.signal_worker returns False for an identity it will
+    """Promise: identity.signal_worker returns False for an identity it will
     not signal (tampered task file: a pid beyond the kernel's range), it
     does not raise."""
-    ident = {"pid": 2 ** 62, "start": 1, "pgid": 2 ** 62, "boot_id": proc.boot_id()}
+    ident = {"pid": 2 ** 62, "start": 1, "pgid": 2 ** 62, "boot_id": identity.boot_id()}
     try:
-        outcome = proc.signal_worker(ident, signal.SIGTERM)
+        outcome = identity.signal_worker(ident, signal.SIGTERM, None)
     except Exception as e:
         outcome = "%s: %s" % (type(e).__name__, e)
     report("out-of-range pid", trials=1, faults_injected=1, outcome=outcome, failures=int(outcome is not False))

@@ -32,10 +32,10 @@ from faults import (
 )
 from ops import write_steps
 from xapi_storage_tasks.tasks import ids
-from xapi_storage_tasks.process import identity as proc
+from xapi_storage_tasks.process import identity
 from xapi_storage_tasks.tasks import api as task_api
 from xapi_storage_tasks.tasks import worker
-from xapi_storage_tasks.tasks.state import Completed, Failed
+from xapi_storage_tasks.tasks.state import Completed
 from xapi_storage_tasks.tasks.store import Store
 from xapi_storage_tasks.tasks.record import Task
 
@@ -232,7 +232,7 @@ def test_concurrent_callers_soak(state_dir, monkeypatch, tmp_path):
                 time.sleep(0.05)
             ident = store.get(tid).worker
             if ident is not None:
-                assert proc.wait_gone(ident, max(1.0, deadline - time.monotonic())), "worker of %s still runs" % tid
+                assert identity.wait_gone(ident, max(1.0, deadline - time.monotonic())), "worker of %s still runs" % tid
         res = run_bin("Task.ls", {"dbg": "final"})
         assert res.returncode == 0 and res.json == remaining
         finals = Counter()
@@ -263,7 +263,8 @@ def test_concurrent_callers_soak(state_dir, monkeypatch, tmp_path):
            terminal_states_seen_by_callers=dict(Counter(seen_final.values())),
            failed_with_finished_output=len(undeclared),
            cancels_issued_on_pending=len(cancelled_while_pending),
-           their_final_states=dict(Counter(_raw_state(state_dir, t) or "destroyed" for t in cancelled_while_pending)), file_reads=reads["files"], vanished_reads=reads["vanished"],
+           their_final_states=dict(Counter(_raw_state(state_dir, t) or "destroyed" for t in cancelled_while_pending)),
+           file_reads=reads["files"], vanished_reads=reads["vanished"],
            torn_reads=len(torn), unexpected_errors=len(unexpected))
     assert unexpected == []
     assert torn == []
@@ -291,7 +292,7 @@ def test_cancel_landing_while_the_task_is_marked_completed(state_dir, store, tmp
         tid = worker.start("complete-race", write_steps, {"path": str(out), "steps": 3, "delay": 0.01}, store=store)
     finally:
         xapi_storage_tasks.tasks.store.os = os
-    assert proc.wait_gone(store.get(tid).worker, 10)
+    assert identity.wait_gone(store.get(tid).worker, 10)
     state = store.get(tid).state
     report("cancel while marking Completed", trials=1, faults_injected=int(proof.exists()), final_state=state,
            output_left=out.exists(), failures=int(not (isinstance(state, Completed) and out.exists())))

@@ -25,7 +25,7 @@ def test_create_then_transitions_follow_the_table(store):
     assert store.transition(task.id, lambda t: Completed(2.0)).state == Completed(2.0)
     for later in (Pending(0.9), Failed("x"), Completed(3.0)):
         with pytest.raises(TransitionRefused):
-            store.transition(task.id, lambda t: later)
+            store.transition(task.id, lambda t, later=later: later)
     assert store.get(task.id).state == Completed(2.0)
     assert store.pending_ids() == []
 
@@ -140,7 +140,7 @@ def test_concurrent_transitions_are_serialized(store, state_dir):
         import sys
         sys.path.insert(0, sys.argv[1])
         from xapi_storage_tasks.tasks.store import Store
-        s = Store(sys.argv[2])
+        s = Store(sys.argv[2], lock_wait=60)  # a writer that must not give up, as a worker
         for _ in range(50):
             s.annotate(sys.argv[3], lambda t: t.artifacts.append("x"))
         """
@@ -160,3 +160,87 @@ def test_default_path_uses_env_then_runtime_dir(monkeypatch, tmp_path):
         assert settings.state_dir() == "/run/xapi-storage-tasks"
     else:
         assert settings.state_dir().endswith("xapi-storage-tasks") or "xapi-storage-tasks-" in settings.state_dir()
+
+
+class _Clock:
+    """``time`` for the store module, two hours behind: set-up only, so
+    that tasks can have ended long ago."""
+
+    def __init__(self, offset):
+        import time as real
+
+        self.real, self.offset = real, offset
+
+    def time(self):
+        return self.real.time() - self.offset
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def _finished_long_ago(store, monkeypatch, count):
+    from xapi_storage_tasks.tasks import log
+
+    made = []
+    with monkeypatch.context() as m:
+        m.setattr(store_mod, "time", _Clock(7200))
+        for i in range(count):
+            task = store.create("old-%d" % i)
+            log.task_event(store, task, "a line of its log")
+            store.transition(task.id, lambda t: Completed(0.5))
+            made.append(task.id)
+    return made
+
+
+def _names(state_dir, sub):
+    try:
+        return sorted(os.listdir(os.path.join(str(state_dir), sub)))
+    except FileNotFoundError:
+        return []
+
+
+def test_retention_destroys_expired_tasks_a_few_per_call(store, state_dir, monkeypatch):
+    """Promise: with TASK_RETENTION=3600, a task that finished two hours ago
+    is gone for the call that looks at it (Task_does_not_exist, its log
+    removed), and every call (Task.ls, Task.stat) destroys at most 8 other
+    expired tasks (oldest minutes of end times first), until none is
+    left; recent and Pending tasks stay."""
+    from conftest import run_bin
+
+    old = _finished_long_ago(store, monkeypatch, 30)
+    recent = store.create("recent")
+    store.transition(recent.id, lambda t: Completed(0.5))
+    pending = store.create("pending")
+    monkeypatch.setenv("TASK_RETENTION", "3600")
+    assert len(_names(state_dir, "logs")) >= 30
+
+    before = set(store.ids())
+    assert run_bin("Task.stat", {"dbg": "d", "id": old[-1]}).error_name == "Task_does_not_exist"
+    assert old[-1] + ".log" not in _names(state_dir, "logs")
+    left = set(store.ids())
+    removed_per_call = [len(before - left)]  # the one looked at, and up to 4 others
+    assert removed_per_call[0] <= 5
+    calls = 0
+    while left & set(old) and calls < 40:
+        method, params = ("Task.ls", {"dbg": "d"}) if calls % 2 else ("Task.stat", {"dbg": "d", "id": recent.id})
+        res = run_bin(method, params)
+        assert res.returncode == 0, res.stdout
+        now = set(store.ids())
+        removed_per_call.append(len(left - now))
+        left = now
+        calls += 1
+    assert left == {recent.id, pending.id}
+    assert max(removed_per_call[1:]) <= 4 and sum(removed_per_call) == 30, removed_per_call
+    logs = _names(state_dir, "logs")
+    assert not any(name.startswith(tuple(old)) for name in logs), logs
+    ended = [(b, os.listdir(os.path.join(str(state_dir), "ended", b))) for b in _names(state_dir, "ended")]
+    assert ended == [(b, [recent.id]) for b, _ in ended] and len(ended) == 1
+
+
+def test_retention_zero_keeps_tasks_forever(store, state_dir, monkeypatch):
+    from conftest import run_bin
+
+    old = _finished_long_ago(store, monkeypatch, 3)
+    monkeypatch.setenv("TASK_RETENTION", "0")
+    assert run_bin("Task.stat", {"dbg": "d", "id": old[0]}).json["state"][0] == "Completed"
+    assert run_bin("Task.ls", {"dbg": "d"}).json == old

@@ -12,9 +12,9 @@ import pytest
 
 from conftest import ROOT, run_bin
 from xapi_storage_tasks.tasks import lifecycle
-from xapi_storage_tasks.process import identity as proc
+from xapi_storage_tasks.process import identity
 from xapi_storage_tasks.tasks import worker
-from xapi_storage_tasks.tasks.state import CANCELLED, Completed, Failed, Pending
+from xapi_storage_tasks.tasks.state import CANCELLED, Completed, Failed
 from xapi_storage_tasks.tasks.store import Store
 
 STARTER = os.path.join(ROOT, "tests", "start_task.py")
@@ -43,9 +43,9 @@ def workers(state_dir, monkeypatch):
                 ident = store.get(task_id).worker
             except Exception:
                 continue
-            if ident and proc.matches(ident):
+            if ident and identity.matches(ident):
                 os.killpg(ident["pgid"], signal.SIGKILL)
-                assert proc.wait_gone(ident, 5)
+                assert identity.wait_gone(ident, 5)
                 pytest.fail("worker of %s was still running after the test" % task_id)
 
 
@@ -66,7 +66,7 @@ def wait_state(task_id, terminal=True, timeout=20):
 
 
 def wait_gone(ident):
-    assert proc.wait_gone(ident, 10), "worker %d still alive" % ident["pid"]
+    assert identity.wait_gone(ident, 10), "worker %d still alive" % ident["pid"]
 
 
 def test_start_stat_complete_with_monotonic_float_progress(workers, store, tmp_path):
@@ -93,8 +93,8 @@ def test_start_stat_complete_with_monotonic_float_progress(workers, store, tmp_p
 def test_worker_identity_and_daemon_properties(workers, store, tmp_path):
     task_id = workers(tmp_path / "out", steps=200, delay=0.05)
     ident = store.get(task_id).worker  # recorded before the starter returned
-    assert ident["pid"] == ident["pgid"] and ident["boot_id"] == proc.boot_id()
-    assert proc.matches(ident)
+    assert ident["pid"] == ident["pgid"] and ident["boot_id"] == identity.boot_id()
+    assert identity.matches(ident)
     pid = ident["pid"]
     assert os.readlink("/proc/%d/cwd" % pid) == "/"
     status = open("/proc/%d/status" % pid).read()
@@ -191,7 +191,7 @@ def test_ignored_sigterm_gets_sigkill_after_the_grace_period(workers, store, tmp
     ident = store.get(task_id).worker
     run_bin("Task.cancel", {"dbg": "d", "id": task_id})
     time.sleep(0.2)
-    assert proc.matches(ident), "the worker ignores SIGTERM, so it must still run within the grace period"
+    assert identity.matches(ident), "the worker ignores SIGTERM, so it must still run within the grace period"
     # Nobody polls: the escalator started by cancel must do it on its own.
     wait_gone(ident)
     deadline = time.monotonic() + 10
@@ -229,12 +229,12 @@ def _forge_worker(store, task_id, ident):
 def test_reused_pid_is_never_signalled(store):
     bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
     try:
-        real = proc.identity(bystander.pid)
+        real = identity.identity(bystander.pid)
         forged = [
             dict(real, start=real["start"] + 1),  # pid reused: start time differs
             dict(real, boot_id="00000000-0000-0000-0000-000000000000"),  # previous boot
-            dict(real, pid=1, pgid=1, start=proc.identity(1)["start"]),  # init
-            proc.identity(),  # the caller itself
+            dict(real, pid=1, pgid=1, start=identity.identity(1)["start"]),  # init
+            identity.identity(),  # the caller itself
             {"pid": "12", "start": 0},  # tampered file
         ]
         for ident in forged:
@@ -243,10 +243,10 @@ def test_reused_pid_is_never_signalled(store):
             res = run_bin("Task.cancel", {"dbg": "d", "id": task.id})
             assert res.returncode == 0, (ident, res.stdout)
             assert bystander.poll() is None, "bystander was signalled for %r" % ident
-            assert proc.signal_worker(ident, signal.SIGTERM) is False
+            assert identity.signal_worker(ident, signal.SIGTERM, store.mark(task.id)) is False
         # The forged tasks are not left Pending: their "worker" is not theirs.
         for task_id in store.ids():
-            if proc.identity() != store.get(task_id).worker:
+            if identity.identity() != store.get(task_id).worker:
                 assert stat(task_id)["state"][0] == "Failed"
     finally:
         bystander.kill()

@@ -44,7 +44,17 @@ MIRROR_DRAIN_TIMEOUT = "TASK_MIRROR_DRAIN_TIMEOUT"
 QEMU_STORAGE_DAEMON = "TASK_QEMU_STORAGE_DAEMON"
 """The qemu-storage-daemon executable (default: found on PATH)."""
 
+LOCK_WAIT = "TASK_LOCK_WAIT"
+"""Seconds a call waits for a task's lock before answering ``Task_busy``
+(default 2)."""
+
+RETENTION = "TASK_RETENTION"
+"""Seconds a finished task is kept after it ended before it is destroyed
+automatically (default 14400, four hours); ``0`` keeps tasks forever."""
+
 DEFAULT_CANCEL_GRACE = 5.0
+DEFAULT_RETENTION = 4 * 3600.0
+DEFAULT_LOCK_WAIT = 2.0
 MAX_INPUT = 1 << 20
 """The largest params object or request body accepted, in bytes."""
 MAX_TASK_FILE = 1 << 20
@@ -102,3 +112,16 @@ def use_syslog() -> bool:
     if forced in ("0", "1"):
         return forced == "1"
     return os.path.exists("/dev/log")
+
+
+def lock_wait() -> float:
+    """Seconds a call waits for a task's lock (a worker writes its task in
+    milliseconds: a longer hold means a stopped or stuck process)."""
+    return seconds(LOCK_WAIT, DEFAULT_LOCK_WAIT)
+
+
+def retention() -> float:
+    """Seconds a finished task is kept (0: forever). The toolstack never
+    destroys the tasks it starts; this keeps the store from growing
+    without bound."""
+    return seconds(RETENTION, DEFAULT_RETENTION)

@@ -11,21 +11,24 @@ signals, its log, and forking workers from its threads safely.
   not start. A detached daemon logs to the store's log (:class:`Log`).
 - SIGTERM, SIGINT and SIGHUP (:data:`STOP_SIGNALS`) stop the daemon
   (:func:`install_stop_handlers`).
-- :func:`prepare_for_forks` makes :func:`xapi_storage_tasks.tasks.worker.spawn` safe to call
+- :func:`prepare_for_forks` makes :func:`xapi_storage_tasks.process.spawn.spawn` safe to call
   from any server thread.
 """
 
+import functools
 import importlib
 import os
 import pkgutil
-import select
 import signal
 import socket
 import sys
 import threading
-import time
+from types import FrameType
+from typing import Any, Callable, Optional, Sequence, Tuple, TypeVar, cast
 
 import xapi_storage_tasks
+from xapi_storage_tasks.process import spawn
+from xapi_storage_tasks.process.spawn import Readiness
 from xapi_storage_tasks.daemon.listener import lock_pid_file, unlink_if_same
 from xapi_storage_tasks.tasks.store import Store
 
@@ -36,6 +39,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # while the GIL is released (syslog, stderr writes), and by the forking
 # thread across fork(): see prepare_for_forks.
 _FORK_GUARD = threading.Lock()
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 # -- logging -------------------------------------------------------------------------
@@ -46,10 +50,10 @@ class Log:
     systemd), in the store's log (syslog or ``logs/store.log``) when
     detached."""
 
-    def __init__(self, to_stderr):
+    def __init__(self, to_stderr: bool) -> None:
         self.to_stderr = to_stderr
 
-    def __call__(self, message):
+    def __call__(self, message: str) -> None:
         if self.to_stderr:
             with _FORK_GUARD:
                 try:
@@ -70,7 +74,7 @@ class Log:
 # -- systemd ----------------------------------------------------------------------------
 
 
-def take_notify_socket():
+def take_notify_socket() -> Optional[str]:
     """The sd_notify address from ``$NOTIFY_SOCKET``, removed from the
     environment so that workers never inherit it."""
     address = os.environ.pop("NOTIFY_SOCKET", "")
@@ -79,7 +83,7 @@ def take_notify_socket():
     return address if address.startswith("/") else None
 
 
-def sd_notify(address, state):
+def sd_notify(address: Optional[str], state: str) -> bool:
     """Send ``state`` (e.g. ``READY=1``) to systemd; False if there is no
     notify socket or it cannot be reached."""
     if not address:
@@ -96,7 +100,7 @@ def sd_notify(address, state):
 # -- stop signals ---------------------------------------------------------------------------
 
 
-def install_stop_handlers(wake_fd, handler):
+def install_stop_handlers(wake_fd: int, handler: Callable[[int, Optional[FrameType]], Any]) -> None:
     """Call ``handler(signum, frame)`` on each of :data:`STOP_SIGNALS`, and
     have the signal number written to ``wake_fd`` so that a loop waiting
     on its other end wakes up, whichever thread the kernel delivers the
@@ -109,17 +113,15 @@ def install_stop_handlers(wake_fd, handler):
 # -- fork safety ------------------------------------------------------------------------
 
 
-def _guard(function):
-    def guarded(*args, **kwargs):
+def _guard(function: _F) -> _F:
+    def guarded(*args: Any, **kwargs: Any) -> Any:
         with _FORK_GUARD:
             return function(*args, **kwargs)
 
-    guarded.__doc__ = function.__doc__
-    guarded.__wrapped__ = function
-    return guarded
+    return cast(_F, functools.wraps(function)(guarded))  # sets __wrapped__
 
 
-def _after_fork_in_child():
+def _after_fork_in_child() -> None:
     _FORK_GUARD.release()
     # The child is a worker-to-be: give it the signal dispositions an
     # executable's child would have, and never let a signal write the
@@ -132,8 +134,8 @@ def _after_fork_in_child():
         pass
 
 
-def prepare_for_forks():
-    """Make :func:`xapi_storage_tasks.tasks.worker.spawn` safe to call from a server thread.
+def prepare_for_forks() -> None:
+    """Make :func:`xapi_storage_tasks.process.spawn.spawn` safe to call from a server thread.
 
     fork() copies only the calling thread; a lock another thread held at
     that instant stays held forever in the child. The child runs Python (it
@@ -174,76 +176,43 @@ class PidFile:
     """A pidfile for python-daemon: written (and flocked) once the daemon
     has detached, removed when it exits."""
 
-    def __init__(self, path):
+    def __init__(self, path: str) -> None:
         self.path = os.path.abspath(path)
-        self.fd = None
-        self.ident = None
+        self.fd: Optional[int] = None
+        self.ident: Optional[Tuple[int, int]] = None
 
-    def __enter__(self):
+    def __enter__(self) -> "PidFile":
         fd = lock_pid_file(self.path, 0o644, lambda holder: "pidfile %s is held by pid %s" % (self.path, holder))
         st = os.fstat(fd)
         self.fd, self.ident = fd, (st.st_dev, st.st_ino)
         return self
 
-    def __exit__(self, *exc):
-        if self.fd is None:
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is None or self.ident is None:
             return
         unlink_if_same(self.path, self.ident)
         os.close(self.fd)
         self.fd = None
 
 
-def _read_all(fd, timeout):
-    chunks = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            break
-        data = os.read(fd, 4096)
-        if not data:
-            break
-        chunks.append(data)
-    return b"".join(chunks)
+def detach(keep_fds: Sequence[int], pidfile: Optional[str]) -> Readiness:
+    """Become a daemon through :func:`xapi_storage_tasks.process.spawn.detach`
+    (own session, umask 077, cwd /, standard streams on /dev/null, every
+    other descriptor closed), holding ``pidfile`` if given. The invoking
+    process waits until the daemon says it is ready, then exits 0 (or 1,
+    printing why it is not). Returns the handshake to report readiness on
+    (see :func:`report_ready`)."""
+    readiness = Readiness()
+    if spawn.detach(keep_fds, PidFile(pidfile) if pidfile else None, readiness):
+        return readiness
+    started, why = readiness.wait(60.0, until_closed=True)
+    if started:
+        os._exit(0)
+    sys.stderr.write("%s: %s\n" % (PROG, why or "the daemon exited during start-up"))
+    sys.stderr.flush()
+    os._exit(1)
 
 
-def detach(keep_fds, pidfile):
-    """Become a daemon with python-daemon (own session, umask 077, cwd /,
-    standard streams on /dev/null, every other descriptor closed), writing
-    ``pidfile`` if given. The invoking process waits until the daemon says
-    it is ready, then exits 0 (or 1, printing why it is not). Returns the
-    descriptor to report readiness on (see :func:`report_ready`)."""
-    import daemon as python_daemon
-
-    ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(ready_w)
-        os.waitpid(pid, 0)  # the intermediate process exits as soon as it has forked
-        verdict = _read_all(ready_r, 60.0)
-        if verdict.startswith(b"!"):
-            os._exit(0)
-        sys.stderr.write("%s: %s\n" % (PROG, verdict[1:].decode("utf-8", "replace") or "the daemon exited during start-up"))
-        sys.stderr.flush()
-        os._exit(1)
-    os.close(ready_r)
-    try:
-        python_daemon.DaemonContext(
-            detach_process=True,
-            umask=0o077,
-            working_directory="/",
-            files_preserve=list(keep_fds) + [ready_w],
-            signal_map={signal.SIGTSTP: None, signal.SIGTTIN: None, signal.SIGTTOU: None},
-            pidfile=PidFile(pidfile) if pidfile else None,
-            prevent_core=True,
-        ).open()
-    except BaseException as exc:
-        os.write(ready_w, b"?" + str(exc).encode("utf-8", "replace"))
-        os._exit(1)
-    return ready_w
-
-
-def report_ready(fd):
+def report_ready(readiness: Readiness) -> None:
     """Tell the process that ran ``--detach`` that the daemon serves."""
-    os.write(fd, b"!")
-    os.close(fd)
+    readiness.ready()

@@ -92,6 +92,8 @@ if TYPE_CHECKING:
     from types import FrameType
     from typing import NoReturn
 
+    from xapi_storage_tasks.process.spawn import Readiness
+
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 RESPAWN_PAUSE = 1.0  # seconds between replacing serving processes that keep dying
 
 
-def _supervise(server: Acceptor, count: int, log: Log, notify: str | None, ready: int | None) -> int:
+def _supervise(server: Acceptor, count: int, log: Log, notify: str | None, ready: Readiness | None) -> int:
     """Serve with ``count`` processes that all accept on the one listening
     socket, each a complete :class:`Acceptor` (its own connection threads,
     limits and clean stop); this process only starts them, forwards the

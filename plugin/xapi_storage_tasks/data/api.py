@@ -60,7 +60,7 @@ def stat(dbg: str, operation: tuple[str, str]) -> State:
 
     with Store() as store:
         task = lifecycle.reconcile(store, _check_kind(store, operation))
-    if task.kind == "MirrorV1" and isinstance(task.state, Pending) and task.operation.get("ready"):
+    if task.kind == "MirrorV1" and isinstance(task.state, Pending) and (task.operation or {}).get("ready"):
         # The job is ready: the existing data is synchronised (mirroring of
         # new writes goes on), which the toolstack reads as complete. From
         # the task file alone: no QMP per call, this is polled back to back.

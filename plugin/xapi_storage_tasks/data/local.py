@@ -3,9 +3,11 @@
 =========  ==================================================================
 ``new``    a local path that does not exist yet. Written as a hidden
            temporary sibling (mode 0600: the worker's umask is 077), which
-           is fsynced and renamed into place at the very end. Both names
-           are declared task artifacts before either exists, so a failed,
-           cancelled or lost copy leaves neither behind.
+           is fsynced and renamed into place at the very end. The task
+           records the temporary's identity as it creates it (and carries
+           it to the final name just before the rename), so a failed,
+           cancelled or lost copy leaves neither behind, and never removes
+           a file someone else put at either name.
 ``file``   an existing regular file, written in place. A full copy sets its
            size to the source's first; a blocklist copy only ever grows it
            (to the end of the last range).
@@ -372,11 +374,8 @@ class NewFile(Local):
         if os.path.lexists(path):
             raise OperationFailed("target %s appeared after the copy was planned; left alone" % path)
         self.ctx, self.final, self.renamed = ctx, path, False
-        ctx.declare_artifact(tmp)
-        ctx.declare_artifact(path)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(tmp, flags, 0o600)
+            fd = ctx.create_artifact(tmp, 0o600)
         except OSError as e:
             raise OperationFailed("cannot create a file next to %s: %s" % (path, e.strerror)) from None
         super().__init__(tmp, fd, label=path)
@@ -394,6 +393,7 @@ class NewFile(Local):
             try:
                 os.fsync(self._fd())
                 self._close()
+                ctx.moving_artifact(self.path, self.final)
                 rename_noreplace(self.path, self.final)
             except FileExistsError:
                 ctx.forget_artifact(self.final)  # someone else's file: keep it

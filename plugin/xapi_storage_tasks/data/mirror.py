@@ -189,14 +189,15 @@ def drain(store: Store, ctl: str, mirror: Dict[str, str], timeout: float) -> Opt
             asked = True
         time.sleep(0.005)
     message = "Mirror drain failed: %s" % why
+    ended: Optional[Task]
     try:
-        task = store.transition(task_id, lambda t: None if t.state.terminal else lifecycle.fail_and_undo(store, t, message))
+        ended = store.transition(task_id, lambda t: None if t.state.terminal else lifecycle.fail_and_undo(store, t, message))
     except PluginError:
-        task = None
+        ended = None
     abort(ctl, mirror)
-    if task is not None and isinstance(task.state, Completed):
+    if ended is not None and isinstance(ended.state, Completed):
         return None  # drained just in time
-    return task.state.message if task is not None and isinstance(task.state, Failed) else message
+    return ended.state.message if ended is not None and isinstance(ended.state, Failed) else message
 
 
 def abort(ctl: str, mirror: Dict[str, str], timeout: float = 5.0) -> None:

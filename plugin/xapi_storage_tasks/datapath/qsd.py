@@ -23,7 +23,7 @@ import select
 import shutil
 import signal
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from xapi_storage_tasks import settings
 from xapi_storage_tasks.datapath.errors import DaemonFailed, DaemonLost
@@ -176,15 +176,49 @@ def start(vols: Volumes, record: Record) -> Dict[str, Any]:
     return daemon
 
 
+def _mark(vols: Volumes, key: str) -> Optional[Tuple[int, int]]:
+    """``(device, inode)`` of the daemon's pidfile, its mark: QEMU keeps its
+    pidfile open (and locked) for its whole life, so the kernel can vouch
+    that the process about to be signalled is that daemon (see
+    :func:`xapi_storage_tasks.process.identity.holds`). None: no signal."""
+    try:
+        st = os.stat(key + ".pid", dir_fd=vols.fd, follow_symlinks=False)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def mark_fd(pid: int, mark: Tuple[int, int]) -> Optional[int]:
+    """The descriptor on which process ``pid`` holds ``mark``, if any."""
+    try:
+        names = os.listdir("/proc/%d/fd" % pid)
+    except OSError:
+        return None
+    for name in names:
+        try:
+            st = os.stat("/proc/%d/fd/%s" % (pid, name))
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == mark:
+            return int(name)
+    return None
+
+
 def stop(vols: Volumes, key: str, daemon: Dict[str, Any]) -> bool:
     """Stop the recorded daemon (SIGTERM: it flushes and exits; SIGKILL
     after a grace) and remove its files. False if it would not go: its
     record stays, so a later call finishes the job."""
     ident = daemon["identity"]
     if alive(daemon):
-        identity.signal_worker(ident, signal.SIGTERM)
+        mark = _mark(vols, key)
+        # Which descriptor holds the mark is looked up now, not recorded (a
+        # caller killed mid-attach never records it); signal_worker checks
+        # it again through a pidfd before the signal.
+        fd = mark_fd(ident["pid"], mark) if mark and isinstance(ident.get("pid"), int) else None
+        ident = dict(ident, fd=fd)
+        identity.signal_worker(ident, signal.SIGTERM, mark)
         if not identity.wait_gone(ident, STOP_GRACE):
-            identity.signal_worker(ident, signal.SIGKILL)
+            identity.signal_worker(ident, signal.SIGKILL, mark)
             if not identity.wait_gone(ident, 2.0):
                 return False
     forget(vols, key)

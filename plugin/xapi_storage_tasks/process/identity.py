@@ -2,30 +2,39 @@
 
 An identity is a plain dict, stored in the task file::
 
-    {"pid": 4242, "start": 81234567, "pgid": 4242, "boot_id": "2305cddd-..."}
+    {"pid": 4242, "start": 81234567, "pgid": 4242, "boot_id": "2305cddd-...", "fd": 3}
 
 ``start`` is the process start time in clock ticks since boot (field 22 of
 ``/proc/PID/stat``): together with the boot id it tells a live worker from
 a process that reused its pid, or from a pid recorded before a reboot.
-Everything here reads ``/proc`` directly, so it is cheap enough for every
-``Task.stat``.
+
+A task file can be forged, so none of that is trusted on its own before a
+signal: a worker holds its task's *mark* (a file only the plugin creates)
+open on descriptor ``fd`` for its whole life, and :func:`holds` asks the
+kernel (``/proc/PID/fd/FD``) whether the process really has that very file
+(device and inode) open there. Only then does :func:`signal_worker` send
+anything. Everything here reads ``/proc`` directly, so it is cheap enough
+for every ``Task.stat``.
 """
 
 import os
 import select
 import signal
 import time
+from typing import Any, Dict, List, Optional, Tuple
+
+Identity = Dict[str, Any]
 
 _BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
 
-def boot_id():
+def boot_id() -> str:
     """This boot's id."""
     with open(_BOOT_ID_PATH) as f:
         return f.read().strip()
 
 
-def _stat_fields(pid):
+def _stat_fields(pid: int) -> Optional[List[bytes]]:
     """Fields 3.. of /proc/PID/stat (state first), or None if no such
     process. The command name may hold spaces and parentheses, so split
     after the last ')'."""
@@ -37,7 +46,7 @@ def _stat_fields(pid):
     return data[data.rindex(b")") + 2:].split()
 
 
-def identity(pid=None):
+def identity(pid: Optional[int] = None) -> Optional[Identity]:
     """The identity of ``pid`` (default: this process), or None if it is
     gone."""
     pid = os.getpid() if pid is None else pid
@@ -50,7 +59,7 @@ def identity(pid=None):
 PID_MAX = 1 << 22  # the kernel's PID_MAX_LIMIT
 
 
-def _well_formed(ident):
+def _well_formed(ident: Any) -> bool:
     try:
         return (
             all(type(ident[k]) is int for k in ("pid", "start", "pgid"))
@@ -63,7 +72,7 @@ def _well_formed(ident):
         return False
 
 
-def matches(ident):
+def matches(ident: Any) -> bool:
     """True when ``ident`` names a live process of this boot, whose pid has
     not been reused (same start time) and which is not a zombie."""
     if not _well_formed(ident) or ident["boot_id"] != boot_id():
@@ -77,7 +86,7 @@ def matches(ident):
     )
 
 
-def refusal(ident):
+def refusal(ident: Any) -> Optional[str]:
     """Why ``ident`` must never be signalled, or None."""
     if not _well_formed(ident):
         return "malformed identity"
@@ -88,9 +97,10 @@ def refusal(ident):
     return None
 
 
-def signal_worker(ident, sig):
+def signal_worker(ident: Identity, sig: int, mark: Optional[Tuple[int, int]]) -> bool:
     """Send ``sig`` to the worker's process group, only if ``ident`` still
-    names the same live process. Returns True if it was signalled.
+    names the same live process and that process holds the task's ``mark``
+    (see :func:`holds`). Returns True if it was signalled.
 
     With a pidfd the identity check and the signal to the leader hit the same
     process even if the pid is recycled in between; the rest of the group is
@@ -109,7 +119,7 @@ def signal_worker(ident, sig):
         except OSError:
             pidfd = None  # kernel without pidfds: fall back to the check alone
     try:
-        if not matches(ident):
+        if not matches(ident) or not holds(ident, mark):
             return False
         try:
             if pidfd is not None:
@@ -126,11 +136,25 @@ def signal_worker(ident, sig):
             os.close(pidfd)
 
 
-def _exited(pidfd, timeout):
+def holds(ident: Any, mark: Optional[Tuple[int, int]]) -> bool:
+    """True when the process ``ident`` names has the file ``mark``
+    (``(device, inode)``) open on descriptor ``ident["fd"]``, as the kernel
+    sees it. Call only after :func:`matches` (the pid is that process)."""
+    fd = ident.get("fd") if isinstance(ident, dict) else None
+    if mark is None or type(fd) is not int or not 0 <= fd < 1 << 20 or not _well_formed(ident):
+        return False
+    try:
+        st = os.stat("/proc/%d/fd/%d" % (ident["pid"], fd))  # follows the descriptor to its file
+    except (OSError, ValueError):
+        return False
+    return (st.st_dev, st.st_ino) == tuple(mark)
+
+
+def _exited(pidfd: int, timeout: float) -> bool:
     return bool(select.select([pidfd], [], [], timeout)[0])
 
 
-def wait_gone(ident, timeout):
+def wait_gone(ident: Identity, timeout: float) -> bool:
     """Wait up to ``timeout`` seconds for the process to be gone (exited or
     a zombie); True if it is."""
     deadline = time.monotonic() + timeout

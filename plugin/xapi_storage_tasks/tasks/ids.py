@@ -8,13 +8,14 @@ oldest-first from directory names alone, without opening any file.
 
 import os
 import time
+from typing import Optional
 
 _HEX = frozenset("0123456789abcdef")
 _DASHES = (8, 13, 18, 23)
 LENGTH = 36
 
 
-def new_id(now_ns=None):
+def new_id(now_ns: Optional[int] = None) -> str:
     """Return a fresh id for a task created at ``now_ns`` (default: now)."""
     if now_ns is None:
         now_ns = time.time_ns()
@@ -32,7 +33,7 @@ def new_id(now_ns=None):
     return "%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
 
 
-def is_valid(text):
+def is_valid(text: object) -> bool:
     """True when ``text`` is a canonical lowercase UUID (any version).
 
     The check is strict on purpose: ids become file names, so nothing that

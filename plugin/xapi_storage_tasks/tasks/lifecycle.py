@@ -3,8 +3,9 @@ with its worker, request cancellation, and undo an operation's artifacts.
 
 Used by ``Task.*`` and ``Data.*`` alike. The rules:
 
-- A Pending task whose worker is gone (pid absent, reused, a zombie, or
-  recorded under another boot id) becomes Failed: ``Cancelled`` if a cancel
+- A Pending task whose worker is gone (pid absent, reused, a zombie,
+  recorded under another boot id, or not holding the task's mark: see
+  :func:`xapi_storage_tasks.process.identity.holds`) becomes Failed: ``Cancelled`` if a cancel
   was requested, else ``Worker lost: ...``. Its artifacts are removed.
 - A Pending task that never got a worker identity within
   :data:`START_TIMEOUT` seconds is treated the same way.
@@ -14,79 +15,101 @@ Used by ``Task.*`` and ``Data.*`` alike. The rules:
 
 import os
 import signal
+import stat
 import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from xapi_storage_tasks import settings
-from xapi_storage_tasks.tasks import log
-from xapi_storage_tasks.process import identity as proc
-from xapi_storage_tasks.wire.errors import InternalError, TaskCorrupt, TaskDoesNotExist
-from xapi_storage_tasks.tasks.state import CANCELLED, Failed
+from xapi_storage_tasks.tasks import log, retention
+from xapi_storage_tasks.process import identity
+from xapi_storage_tasks.wire.errors import InternalError, TaskBusy, TaskCorrupt, TaskDoesNotExist
+from xapi_storage_tasks.tasks.record import Task
+from xapi_storage_tasks.tasks.state import CANCELLED, Failed, State
+from xapi_storage_tasks.tasks.store import Store
 
 START_TIMEOUT = 30.0
-def remove_artifacts(paths):
-    """Remove declared artifacts, newest first; missing ones are fine.
-    Returns the ``(path, error)`` pairs that could not be removed."""
-    failures = []
+
+
+def remove_artifacts(paths: Sequence[str], created: Dict[str, List[int]]) -> List[Tuple[str, str]]:
+    """Remove declared artifacts, newest first, each only while it is the
+    very file the task created (same device and inode as recorded in
+    ``created``); missing ones are fine. Returns ``(path, why)`` for each
+    path left in place: never created by the task, replaced by another
+    file, or failing to go."""
+    left = []
     for path in reversed(paths):
+        ident = created.get(path)
+        if ident is None:
+            left.append((path, "never recorded as created by this task; left alone"))
+            continue
         try:
-            os.unlink(path)
+            st = os.lstat(path)
+            if [st.st_dev, st.st_ino] != ident:
+                left.append((path, "holds a file this task did not create; left alone"))
+            elif stat.S_ISDIR(st.st_mode):
+                os.rmdir(path)
+            else:
+                os.unlink(path)
         except FileNotFoundError:
             pass
-        except IsADirectoryError:
-            try:
-                os.rmdir(path)
-            except OSError as e:
-                failures.append((path, e.strerror))
         except OSError as e:
-            failures.append((path, e.strerror))
-    return failures
+            left.append((path, e.strerror or str(e)))
+    return left
 
 
-def fail_and_undo(store, task, message):
+def fail_and_undo(store: Store, task: Task, message: str) -> State:
     """Under the task's lock (inside a ``transition`` decide callback):
     remove the task's artifacts and return the Failed state to store."""
-    for path, why in remove_artifacts(task.artifacts):
-        log.task_event(store, task, "could not remove artifact %s: %s" % (path, why))
+    for path, why in remove_artifacts(task.artifacts, task.created):
+        log.task_event(store, task, "artifact %s not removed: %s" % (path, why))
     task.artifacts = []
+    task.created = {}
     log.task_event(store, task, "failed: %s" % message)
     return Failed(message)
 
 
-def _live(worker):
-    """The recorded worker is alive, and is one we could signal (a forged
-    identity naming some other live process counts as lost)."""
-    return proc.matches(worker) and proc.refusal(worker) is None
+def _vouched(store: Store, task: Task) -> bool:
+    """The recorded worker is alive, is one we could signal, and the kernel
+    says it holds the task's mark: a forged identity naming some other live
+    process counts as lost, and is never signalled."""
+    worker = task.worker
+    return (
+        identity.matches(worker)
+        and identity.refusal(worker) is None
+        and identity.holds(worker, store.mark(task.id))
+    )
 
 
-def _needs_action(task, now):
+def _needs_action(store: Store, task: Task, now: float) -> bool:
     if task.state.terminal:
         return False
-    worker = task.worker
-    if worker is None:
+    if task.worker is None:
         return now - task.ctime >= START_TIMEOUT
-    if not _live(worker):
+    if not _vouched(store, task):
         return True
     return task.cancel is not None and now - task.cancel >= settings.cancel_grace()
 
 
-def _decide(store):
-    def decide(task):
+def _decide(store: Store) -> Callable[[Task], Optional[State]]:
+    def decide(task: Task) -> Optional[State]:
         now = time.time()
-        if not _needs_action(task, now):
+        if not _needs_action(store, task, now):
             return None
         worker = task.worker
-        if worker is not None and _live(worker):
+        if worker is not None and _vouched(store, task):
             # Overdue after a cancel: SIGKILL cannot be ignored.
-            log.task_event(store, task, "worker pid %d ignored SIGTERM for %.1fs: SIGKILL" % (worker["pid"], now - task.cancel))
-            proc.signal_worker(worker, signal.SIGKILL)
-            if not proc.wait_gone(worker, 2.0):
+            waited = now - (task.cancel or now)
+            log.task_event(store, task, "worker pid %d ignored SIGTERM for %.1fs: SIGKILL" % (worker["pid"], waited))
+            identity.signal_worker(worker, signal.SIGKILL, store.mark(task.id))
+            if not identity.wait_gone(worker, 2.0):
                 return None
         if task.cancel is not None:
             message = CANCELLED
         elif worker is None:
             message = "Worker lost: it never started"
-        elif proc.matches(worker):
-            message = "Worker lost: recorded identity is not a worker (%s)" % proc.refusal(worker)
+        elif identity.matches(worker):
+            why = identity.refusal(worker) or "it does not hold the task's mark"
+            message = "Worker lost: recorded identity is not a worker (%s)" % why
         else:
             message = "Worker lost: process %s is gone" % worker.get("pid")
         return fail_and_undo(store, task, message)
@@ -94,60 +117,82 @@ def _decide(store):
     return decide
 
 
-def reconcile(store, task_id):
-    """Return the task, first making its state true to its worker's."""
+def reconcile(store: Store, task_id: str) -> Task:
+    """Return the task, first making its state true to its worker's.
+
+    A worker overdue after a cancel is SIGKILLed before the task's lock is
+    taken (it may be the very process holding it, stopped mid-write). If
+    the lock stays busy for the store's bounded wait, the task is returned
+    as read, and a later call settles it."""
+    retention.sweep(store)
     task = store.get(task_id)
-    if not _needs_action(task, time.time()):
+    now = time.time()
+    if retention.expired(task, now):
+        try:
+            store.destroy(task_id, wait=0, durable=False)
+        except TaskBusy:
+            return task  # a later call destroys it
+        raise TaskDoesNotExist(task_id)
+    if not _needs_action(store, task, now):
         return task
-    return store.transition(task_id, _decide(store))
+    worker = task.worker
+    if worker is not None and task.cancel is not None and _vouched(store, task):
+        log.task_event(store, task, "worker pid %d ignored SIGTERM for %.1fs: SIGKILL" % (worker["pid"], now - task.cancel))
+        identity.signal_worker(worker, signal.SIGKILL, store.mark(task_id))
+        identity.wait_gone(worker, 2.0)
+    try:
+        return store.transition(task_id, _decide(store))
+    except TaskBusy as e:
+        log.task_event(store, task, "not reconciled now: %s" % e)
+        return task
 
 
-def reconcile_pending(store):
+def reconcile_pending(store: Store) -> None:
     """Reconcile every task marked Pending (for ``ls``); drop stale
     markers and temporary files. Unreadable tasks are left for ``stat`` to
     report."""
+    retention.sweep(store)
     store.sweep_tmp(START_TIMEOUT)
     for task_id in store.pending_ids():
         try:
-            if reconcile(store, task_id).state.terminal:
-                store.forget_marker(task_id)
+            task = reconcile(store, task_id)
+            if task.state.terminal:
+                store.finished(task)
         except TaskDoesNotExist:
             store.forget_stale_marker(task_id, START_TIMEOUT)
         except TaskCorrupt:
             pass
-        except InternalError as e:  # e.g. a full disk: still list what exists
+        except (InternalError, TaskBusy) as e:  # e.g. a full disk: still list what exists
             log.store_event(store, "could not reconcile task %s: %s" % (task_id, e))
 
 
-def request_cancel(store, task_id):
-    """Durably mark the cancel request, then SIGTERM the verified worker.
-    A finished task is left alone. Returns the task."""
+def request_cancel(store: Store, task_id: str) -> Task:
+    """Durably record the cancel request, then SIGTERM the verified worker;
+    neither needs the task's lock, so a cancel returns promptly even while
+    a stopped process holds it. A finished task is left alone. Returns the
+    task."""
     task = reconcile(store, task_id)
     if task.state.terminal:
         return task
-    first = task.cancel is None
-
-    def mark(t):
-        if t.cancel is None:
-            t.cancel = time.time()
-
-    if first:
-        task = store.annotate(task_id, mark)
+    first = store.request_cancel(task_id)
+    if task.cancel is None:
+        task.cancel = store.cancel_time(task_id)
     if task.worker is None:
         log.task_event(store, task, "cancel requested before the worker started")
         return task  # the worker honours it as soon as it records itself
-    signalled = proc.signal_worker(task.worker, signal.SIGTERM)
-    log.task_event(store, task, "cancel requested: SIGTERM to pid %s %s" % (task.worker.get("pid"), "sent" if signalled else "not sent (worker gone)"))
+    signalled = identity.signal_worker(task.worker, signal.SIGTERM, store.mark(task_id))
+    outcome = "sent" if signalled else "not sent (worker gone, or not vouched for by the kernel)"
+    log.task_event(store, task, "cancel requested: SIGTERM to pid %s %s" % (task.worker.get("pid"), outcome))
     if not signalled:
         return reconcile(store, task_id)
     if first:
-        from xapi_storage_tasks.tasks import worker
+        from xapi_storage_tasks.tasks import watchdog  # only a first cancel pays for it
 
-        worker.spawn_escalator(store.path, task_id, settings.cancel_grace())
+        watchdog.start(store.path, task_id, settings.cancel_grace(), reconcile)
     return task
 
 
-def destroy(store, task_id):
+def destroy(store: Store, task_id: str) -> None:
     """Remove every trace of a finished task; a Pending one whose worker is
     gone is reconciled first, a live one is refused (TaskInProgress)."""
     try:

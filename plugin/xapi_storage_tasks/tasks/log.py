@@ -9,12 +9,18 @@ full disk must not turn a successful call into a failed one.
 import os
 import time
 
+from typing import TYPE_CHECKING
+
 from xapi_storage_tasks import settings
+
+if TYPE_CHECKING:  # the store imports this module
+    from xapi_storage_tasks.tasks.record import Task
+    from xapi_storage_tasks.tasks.store import Store
 
 IDENT = "xapi-storage-tasks"
 
 
-def _emit(store, filename, line):
+def _emit(store: "Store", filename: str, line: str) -> None:
     try:
         if settings.use_syslog():
             import syslog
@@ -34,11 +40,11 @@ def _emit(store, filename, line):
         pass
 
 
-def task_event(store, task, message):
+def task_event(store: "Store", task: "Task", message: str) -> None:
     """Log ``message`` for ``task`` with its id and debug context."""
     _emit(store, task.id + ".log", "task=%s dbg=%s %s" % (task.id, task.debug_info, message))
 
 
-def store_event(store, message):
+def store_event(store: "Store", message: str) -> None:
     """Log something about the store as a whole (e.g. a corrupt file)."""
     _emit(store, "store.log", message)

@@ -8,10 +8,19 @@ One plain, versioned JSON object per task (never pickle):
 ``operation``    what the task runs, e.g. ``{"kind": "CopyV1", "args": {...}}``
 ``worker``       the worker's identity (see :mod:`xapi_storage_tasks.process.identity`) or null
 ``cancel``       time a cancel was requested, or null
-``artifacts``    paths the operation may have created and that must be
-                 removed if it does not complete
+``artifacts``    paths the operation may create and that must be removed
+                 if it does not complete (declared before they exist)
+``created``      ``{path: [device, inode]}``: the identity of each declared
+                 artifact the operation has actually created. Cleanup
+                 removes a path only while it still holds that very file: a
+                 declared path never recorded here, or holding another file
+                 (someone else's, made after the worker died), is left alone.
+                 Optional on read (older files have none).
 """
 
+from typing import Any, Dict, Iterable, List, Optional
+
+from xapi_storage_tasks.tasks.state import State
 from xapi_storage_tasks.wire import codec
 
 VERSION = 1
@@ -30,10 +39,13 @@ class Task:
         "worker",
         "cancel",
         "artifacts",
+        "created",
     )
 
-    def __init__(self, id, debug_info, ctime, state, updated=None, operation=None,
-                 worker=None, cancel=None, artifacts=()):
+    def __init__(self, id: str, debug_info: str, ctime: float, state: State, updated: Optional[float] = None,
+                 operation: Optional[Dict[str, Any]] = None, worker: Optional[Dict[str, Any]] = None,
+                 cancel: Optional[float] = None, artifacts: Iterable[str] = (),
+                 created: Optional[Dict[str, List[int]]] = None) -> None:
         self.id = id
         self.debug_info = debug_info
         self.ctime = float(ctime)
@@ -43,13 +55,14 @@ class Task:
         self.worker = worker
         self.cancel = cancel
         self.artifacts = list(artifacts)
+        self.created = dict(created or {})
 
     @property
-    def kind(self):
+    def kind(self) -> Optional[str]:
         """The operation's kind (``"CopyV1"``...) or None for a plain task."""
         return self.operation.get("kind") if self.operation else None
 
-    def to_disk(self):
+    def to_disk(self) -> Dict[str, Any]:
         """The JSON object written to the task's file."""
         return {
             "version": VERSION,
@@ -62,10 +75,11 @@ class Task:
             "worker": self.worker,
             "cancel": self.cancel,
             "artifacts": self.artifacts,
+            "created": self.created,
         }
 
     @classmethod
-    def from_disk(cls, obj):
+    def from_disk(cls, obj: object) -> "Task":
         """Parse a task file's JSON; raises ValueError naming what is wrong."""
         if not isinstance(obj, dict):
             raise ValueError("not a JSON object")
@@ -80,6 +94,11 @@ class Task:
                 raise ValueError("field %r is mistyped" % key)
         if not all(isinstance(a, str) for a in obj["artifacts"]):
             raise ValueError("field 'artifacts' must hold paths")
+        created = obj.get("created", {})
+        if not isinstance(created, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and all(type(n) is int for n in v) for v in created.values()
+        ):
+            raise ValueError("field 'created' must map paths to [device, inode]")
         return cls(
             obj["id"],
             obj["debug_info"],
@@ -90,4 +109,5 @@ class Task:
             worker=obj.get("worker"),
             cancel=obj.get("cancel"),
             artifacts=obj["artifacts"],
+            created=created,
         )

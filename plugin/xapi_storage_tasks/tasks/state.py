@@ -6,6 +6,7 @@ transitions, and it asks :func:`check` first.
 """
 
 import math
+from typing import Any, Tuple
 
 
 class State:
@@ -14,13 +15,16 @@ class State:
     __slots__ = ()
     terminal = False
 
-    def __eq__(self, other):
+    def _key(self) -> Tuple[Any, ...]:
+        raise NotImplementedError
+
+    def __eq__(self, other: object) -> bool:
         return type(self) is type(other) and self._key() == other._key()
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash((type(self), self._key()))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "%s%r" % (type(self).__name__, self._key())
 
 
@@ -29,13 +33,13 @@ class Pending(State):
 
     __slots__ = ("progress",)
 
-    def __init__(self, progress=0.0):
+    def __init__(self, progress: float = 0.0) -> None:
         progress = float(progress)
         if not math.isfinite(progress):
             raise ValueError("progress must be a finite number")
         self.progress = min(1.0, max(0.0, progress))
 
-    def _key(self):
+    def _key(self) -> Tuple[Any, ...]:
         return (self.progress,)
 
 
@@ -49,14 +53,14 @@ class Completed(State):
     __slots__ = ("duration", "result")
     terminal = True
 
-    def __init__(self, duration, result=None):
+    def __init__(self, duration: float, result: Any = None) -> None:
         duration = float(duration)
         if not math.isfinite(duration) or duration < 0:
             raise ValueError("duration must be a non-negative number")
         self.duration = duration
         self.result = result
 
-    def _key(self):
+    def _key(self) -> Tuple[Any, ...]:
         return (self.duration, repr(self.result))
 
 
@@ -67,10 +71,10 @@ class Failed(State):
     __slots__ = ("message",)
     terminal = True
 
-    def __init__(self, message):
+    def __init__(self, message: object) -> None:
         self.message = str(message)
 
-    def _key(self):
+    def _key(self) -> Tuple[Any, ...]:
         return (self.message,)
 
 
@@ -90,7 +94,7 @@ class TransitionRefused(Exception):
     """The transition is not in :data:`ALLOWED`."""
 
 
-def check(old, new):
+def check(old: State, new: State) -> State:
     """Return the state to store for ``old -> new`` or raise
     :class:`TransitionRefused`.
 
@@ -100,6 +104,6 @@ def check(old, new):
         raise TransitionRefused(
             "%s -> %s is not allowed" % (type(old).__name__, type(new).__name__)
         )
-    if isinstance(new, Pending) and new.progress < old.progress:
+    if isinstance(new, Pending) and isinstance(old, Pending) and new.progress < old.progress:
         return old
     return new

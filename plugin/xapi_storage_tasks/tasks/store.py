@@ -6,9 +6,23 @@ Layout of the state directory (mode 0700, files 0600)::
     tmp/              temporary files being written, renamed into tasks/;
                       a destroyed task's file on its way out
     locks/<id>        per-task lock file (flock; the kernel drops it if the
-                      holder dies)
+                      holder dies). A call waits for it at most
+                      ``TASK_LOCK_WAIT`` seconds, then answers Task_busy; a
+                      damaged lock (a symlink, a directory...) is moved
+                      aside to tmp/ and replaced
+    cancels/<id>      empty file: a cancel was requested at its mtime.
+                      Written without the task's lock, so a cancel never
+                      waits for a stopped writer; merged into the record
+                      by every read, removed once the task is finished
     pending/<id>      empty marker while the task is Pending, so reconciling
-                      live tasks costs nothing per finished task
+                      live tasks costs nothing per finished task; also the
+                      task's *mark*: its worker holds it open (and flocked)
+                      for its whole life, which is how the kernel vouches
+                      for the worker before any signal
+                      (see xapi_storage_tasks.process.identity.holds)
+    ended/<b>/<id>    empty entry per finished task, in the bucket of its end
+                      time (b = end // 60 s): how retention finds expired
+                      tasks without reading or listing every task
     logs/<id>.log     per-task log when there is no syslog
 
 Every directory is opened relative to the root with O_NOFOLLOW, so symlinks
@@ -29,23 +43,34 @@ import json
 import os
 import stat
 import time
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from xapi_storage_tasks import settings
 from xapi_storage_tasks.tasks import ids
 from xapi_storage_tasks.tasks import log
-from xapi_storage_tasks.wire.errors import InternalError, StateDirInvalid, TaskCorrupt, TaskDoesNotExist, TaskInProgress
-from xapi_storage_tasks.tasks.state import Pending, check
+from xapi_storage_tasks.wire.errors import (
+    InternalError,
+    PluginError,
+    StateDirInvalid,
+    TaskBusy,
+    TaskCorrupt,
+    TaskDoesNotExist,
+    TaskInProgress,
+)
+from xapi_storage_tasks.tasks.state import Pending, State, check
 from xapi_storage_tasks.tasks.record import Task
 
 MAX_TASK_FILE = 1 << 20
 TOMBSTONE = ".destroyed"
+ENDED_WIDTH = 60
+"""Seconds of end times per ``ended/`` bucket."""
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _check_dir(fd, path):
+def _check_dir(fd: int, path: str) -> None:
     st = os.fstat(fd)
     if not stat.S_ISDIR(st.st_mode):
         raise StateDirInvalid(path, "not a directory")
@@ -55,30 +80,27 @@ def _check_dir(fd, path):
         raise StateDirInvalid(path, "writable by group or others (mode %o)" % (st.st_mode & 0o777))
 
 
-def _open_dir(name, dir_fd=None, label=None):
-    """Open (creating with 0700 if needed) a directory, never via a symlink."""
-    label = label or name
+def _open_dir(name: str, dir_fd: int, label: str) -> int:
+    """Open (creating with 0700 if needed) subdirectory ``name`` of
+    ``dir_fd``, never via a symlink."""
     for attempt in (1, 2):
         try:
             fd = os.open(name, _O_DIR, dir_fd=dir_fd)
             break
         except FileNotFoundError:
             if attempt == 2:
-                raise StateDirInvalid(label, "vanished while being created")
+                raise StateDirInvalid(label, "vanished while being created") from None
             try:
-                if dir_fd is None:
-                    os.makedirs(name, mode=0o700, exist_ok=True)
-                else:
-                    os.mkdir(name, 0o700, dir_fd=dir_fd)
+                os.mkdir(name, 0o700, dir_fd=dir_fd)
             except FileExistsError:
                 pass
             except OSError as e:
-                raise StateDirInvalid(label, "cannot create: %s" % e.strerror)
+                raise StateDirInvalid(label, "cannot create: %s" % e.strerror) from None
         except OSError as e:
             why = e.strerror
             if e.errno in (errno.ELOOP, errno.ENOTDIR) and _is_symlink(name, dir_fd):
                 why = "is a symlink"
-            raise StateDirInvalid(label, why)
+            raise StateDirInvalid(label, why) from None
     try:
         _check_dir(fd, label)
     except BaseException:
@@ -87,7 +109,48 @@ def _open_dir(name, dir_fd=None, label=None):
     return fd
 
 
-def _is_symlink(name, dir_fd):
+def _open_root(path: str) -> int:
+    """Open the state directory ``path`` (absolute) one component at a
+    time from ``/``, never through a symlink: a symlink anywhere in the
+    path (not only its last component) could send the store elsewhere, so
+    it is refused, naming the component. Missing components are created
+    (mode 0700)."""
+    parts = [p for p in path.split("/") if p]
+    fd = os.open("/", _O_DIR)
+    try:
+        for i in range(len(parts)):
+            here = "/" + "/".join(parts[: i + 1])
+            try:
+                child = os.open(parts[i], _O_DIR, dir_fd=fd)
+            except FileNotFoundError:
+                try:
+                    os.mkdir(parts[i], 0o700, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                except OSError as e:
+                    raise StateDirInvalid(path, "cannot create %s: %s" % (here, e.strerror)) from None
+                try:
+                    child = os.open(parts[i], _O_DIR, dir_fd=fd)
+                except OSError as e:
+                    raise StateDirInvalid(path, "%s: %s" % (here, e.strerror)) from None
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR) and _is_symlink(parts[i], fd):
+                    why = "is a symlink" if i == len(parts) - 1 else "its parent %s is a symlink" % here
+                elif i == len(parts) - 1:
+                    why = e.strerror or str(e)
+                else:
+                    why = "%s: %s" % (here, e.strerror)
+                raise StateDirInvalid(path, why) from None
+            os.close(fd)
+            fd = child
+        _check_dir(fd, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _is_symlink(name: str, dir_fd: Optional[int]) -> bool:
     try:
         return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
     except OSError:
@@ -95,45 +158,73 @@ def _is_symlink(name, dir_fd):
 
 
 @contextlib.contextmanager
-def _io(what):
+def _io(what: str) -> Iterator[None]:
     """Report a failed store operation as an InternalError naming it."""
     try:
         yield
     except OSError as e:
-        raise InternalError("%s: %s" % (what, e.strerror or e))
+        raise InternalError("%s: %s" % (what, e.strerror or e)) from None
 
 
-def _unlink(name, dir_fd):
+def _unlink(name: str, dir_fd: int) -> None:
     try:
         os.unlink(name, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
+    except IsADirectoryError:  # damage: an empty directory goes too
+        try:
+            os.rmdir(name, dir_fd=dir_fd)
+        except OSError:
+            pass
+
+
+def _bucket(when: float) -> int:
+    return int(when // ENDED_WIDTH)
+
+
+def _flock(fd: int, wait: float) -> bool:
+    """Take an exclusive flock on ``fd`` within ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    delay = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 0.005)
 
 
 class Store:
     """A state directory. Cheap to open: one directory per method call."""
 
-    def __init__(self, path=None):
+    def __init__(self, path: Optional[str] = None, lock_wait: Optional[float] = None) -> None:
         self.path = os.path.abspath(path or settings.state_dir())
-        self._root = _open_dir(self.path)
-        self._dirs = {}
+        self.lock_wait = settings.lock_wait() if lock_wait is None else lock_wait
+        self.swept = False
+        """Set once retention has run with this store (once per call)."""
+        self._root = _open_root(self.path)
+        self._dirs: Dict[str, int] = {}
 
-    def close(self):
+    def close(self) -> None:
         """Release the directory descriptors."""
         for fd in [self._root, *self._dirs.values()]:
             os.close(fd)
         self._dirs.clear()
         self._root = -1
 
-    def __enter__(self):
+    def __enter__(self) -> "Store":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def dir_fd(self, name):
+    def dir_fd(self, name: str) -> int:
         """Descriptor of subdirectory ``name`` (tasks, tmp, locks, pending,
-        logs)."""
+        cancels, logs)."""
         fd = self._dirs.get(name)
         if fd is None:
             fd = self._dirs[name] = _open_dir(name, self._root, os.path.join(self.path, name))
@@ -141,24 +232,24 @@ class Store:
 
     # -- reading ------------------------------------------------------------
 
-    def ids(self):
+    def ids(self) -> List[str]:
         """Every task id, oldest first (ids sort by creation time)."""
         names = os.listdir(self.dir_fd("tasks"))  # only <id>.json lives here
         names.sort()
         return [n[:-5] for n in names]
 
-    def pending_ids(self):
+    def pending_ids(self) -> List[str]:
         """Ids marked Pending: the only tasks that can need reconciling."""
         return sorted(os.listdir(self.dir_fd("pending")))
 
-    def get(self, task_id):
+    def get(self, task_id: str) -> Task:
         """Read one task. Raises TaskDoesNotExist or TaskCorrupt."""
         try:
             fd = os.open(task_id + ".json", _O_READ, dir_fd=self.dir_fd("tasks"))
         except FileNotFoundError:
-            raise TaskDoesNotExist(task_id)
+            raise TaskDoesNotExist(task_id) from None
         except OSError as e:
-            raise self._corrupt(task_id, "cannot open its file: %s" % e.strerror)
+            raise self._corrupt(task_id, "cannot open its file: %s" % e.strerror) from None
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise self._corrupt(task_id, "its file is not a regular file")
@@ -172,16 +263,48 @@ class Store:
             if task.id != task_id:
                 raise ValueError("file holds id %r" % task.id)
         except ValueError as e:  # includes JSON and UTF-8 errors
-            raise self._corrupt(task_id, str(e))
+            raise self._corrupt(task_id, str(e)) from None
+        if task.cancel is None and not task.state.terminal:
+            task.cancel = self.cancel_time(task_id)
         return task
 
-    def _corrupt(self, task_id, why):
+    def cancel_time(self, task_id: str) -> Optional[float]:
+        """When a cancel of the task was requested (see
+        :meth:`request_cancel`), or None."""
+        try:
+            st = os.stat(task_id, dir_fd=self.dir_fd("cancels"), follow_symlinks=False)
+        except OSError:
+            return None
+        return st.st_mtime if stat.S_ISREG(st.st_mode) else None
+
+    def request_cancel(self, task_id: str) -> bool:
+        """Durably record a cancel request without taking the task's lock;
+        True if it is the first one."""
+        cancels = self.dir_fd("cancels")
+        with _io("cannot record the cancel of task %s" % task_id):
+            try:
+                os.close(os.open(task_id, _O_NEW, 0o600, dir_fd=cancels))
+            except FileExistsError:
+                return False
+            try:
+                os.fsync(cancels)
+            except OSError:
+                _unlink(task_id, cancels)  # reported as not done: leave nothing
+                raise
+        try:  # destroyed meanwhile: leave no request behind
+            os.stat(task_id + ".json", dir_fd=self.dir_fd("tasks"), follow_symlinks=False)
+        except FileNotFoundError:
+            _unlink(task_id, cancels)
+            raise TaskDoesNotExist(task_id) from None
+        return True
+
+    def _corrupt(self, task_id: str, why: str) -> TaskCorrupt:
         log.store_event(self, "task %s is corrupt: %s" % (task_id, why))
         return TaskCorrupt(task_id, why)
 
     # -- writing ----------------------------------------------------------
 
-    def _write(self, task):
+    def _write(self, task: Task) -> None:
         d, tmp_d = self.dir_fd("tasks"), self.dir_fd("tmp")
         data = json.dumps(task.to_disk(), separators=(",", ":")).encode()
         tmp = "%s.%s" % (task.id, os.urandom(4).hex())
@@ -202,24 +325,57 @@ class Store:
         with _io("cannot make task %s durable (fsync of its directory)" % task.id):
             os.fsync(d)
 
-    @contextlib.contextmanager
-    def _locked(self, task_id):
+    def _open_lock(self, task_id: str) -> int:
+        """The task's lock file, opened; damage (missing, a symlink, a
+        directory, a FIFO...) is repaired: a usable lock is what makes the
+        task destroyable."""
         locks = self.dir_fd("locks")
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        for _ in range(5):
+            try:
+                fd = os.open(task_id, flags, dir_fd=locks)
+            except FileNotFoundError:
+                # Only damage removes a lock file while the task file remains.
+                try:
+                    os.stat(task_id + ".json", dir_fd=self.dir_fd("tasks"), follow_symlinks=False)
+                except FileNotFoundError:
+                    raise TaskDoesNotExist(task_id) from None
+                try:
+                    fd = os.open(task_id, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=locks)
+                except FileExistsError:
+                    continue  # someone else repaired it first
+            except OSError as e:  # ELOOP, EISDIR, ENXIO...: not a lock file
+                self._move_aside(task_id, e.strerror or str(e))
+                continue
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                return fd
+            os.close(fd)
+            self._move_aside(task_id, "not a regular file")
+        raise InternalError("cannot open the lock file of task %s" % task_id)
+
+    def _move_aside(self, task_id: str, why: str) -> None:
+        log.store_event(self, "lock file of task %s is damaged (%s): moved to tmp/ and replaced" % (task_id, why))
+        with _io("cannot move the damaged lock of task %s aside" % task_id):
+            try:
+                os.rename(task_id, "%s.damaged-lock.%s" % (task_id, os.urandom(4).hex()),
+                          src_dir_fd=self.dir_fd("locks"), dst_dir_fd=self.dir_fd("tmp"))
+            except FileNotFoundError:
+                pass
+
+    @contextlib.contextmanager
+    def _locked(self, task_id: str, wait: Optional[float] = None) -> Iterator[None]:
+        fd = self._open_lock(task_id)
         try:
-            fd = os.open(task_id, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=locks)
-        except FileNotFoundError:
-            # Only damage removes a lock file while the task file remains.
-            self.get(task_id)
-            fd = os.open(task_id, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=locks)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            wait = self.lock_wait if wait is None else wait
+            if not _flock(fd, wait):
+                raise TaskBusy(task_id, "its lock has been held by another process for %gs; retry" % wait)
             if os.fstat(fd).st_nlink == 0:  # destroyed while we waited
                 raise TaskDoesNotExist(task_id)
             yield
         finally:
             os.close(fd)
 
-    def create(self, debug_info, operation=None):
+    def create(self, debug_info: str, operation: Optional[Dict[str, Any]] = None) -> Task:
         """Create a Pending(0.0) task and return it (the API for workers and
         tests). ``operation`` is stored as given, e.g. ``{"kind": "CopyV1",
         "args": {...}}``."""
@@ -241,7 +397,7 @@ class Store:
             os.close(fd)
         return task
 
-    def transition(self, task_id, decide):
+    def transition(self, task_id: str, decide: Callable[[Task], Optional[State]], wait: Optional[float] = None) -> Task:
         """The one function that changes a task's state.
 
         Under the task's lock, ``decide(task)`` returns the new state, or
@@ -249,9 +405,10 @@ class Store:
         fields (e.g. clear ``artifacts`` it has removed). The change must be
         in :data:`xapi_storage_tasks.tasks.state.ALLOWED`, else
         :class:`xapi_storage_tasks.tasks.state.TransitionRefused` is raised and nothing is
-        written. Returns the task as stored afterwards.
+        written. Returns the task as stored afterwards. The lock is waited
+        for ``wait`` seconds (default: the store's), then Task_busy.
         """
-        with self._locked(task_id):
+        with self._locked(task_id, wait):
             task = self.get(task_id)
             new = decide(task)
             if new is None:
@@ -260,13 +417,13 @@ class Store:
             task.updated = time.time()
             self._write(task)
         if task.state.terminal:
-            self.forget_marker(task_id)
+            self.finished(task)
         return task
 
-    def annotate(self, task_id, mutate):
+    def annotate(self, task_id: str, mutate: Callable[[Task], object], wait: Optional[float] = None) -> Task:
         """Change a task's private fields under its lock: ``mutate(task)``
         edits them in place. Changing the state here is refused."""
-        with self._locked(task_id):
+        with self._locked(task_id, wait):
             task = self.get(task_id)
             before = task.state
             mutate(task)
@@ -275,13 +432,15 @@ class Store:
             self._write(task)
         return task
 
-    def destroy(self, task_id):
+    def destroy(self, task_id: str, wait: Optional[float] = None, durable: bool = True) -> None:
         """Remove every file of a finished (or unreadable) task.
 
         Raises TaskInProgress for a Pending task, TaskDoesNotExist for an
-        unknown one.
+        unknown one, TaskBusy if its lock stays held ``wait`` seconds.
+        ``durable=False`` skips the directory fsync (for retention: a
+        destroy lost in a crash is simply done again).
         """
-        with self._locked(task_id):
+        with self._locked(task_id, wait):
             try:
                 task = self.get(task_id)
             except TaskCorrupt:
@@ -293,6 +452,7 @@ class Store:
             with _io("cannot destroy task %s" % task_id):
                 _unlink(task_id + ".log", self.dir_fd("logs"))
                 _unlink(task_id, self.dir_fd("pending"))
+                _unlink(task_id, self.dir_fd("cancels"))
                 for name in os.listdir(tmp):  # a crashed writer's leftovers
                     if name.startswith(task_id):
                         _unlink(name, tmp)
@@ -304,19 +464,108 @@ class Store:
                     os.rename(task_id + ".json", tomb, src_dir_fd=tasks, dst_dir_fd=tmp)
                 except FileNotFoundError:
                     pass
-                os.fsync(tasks)
+                if durable:
+                    os.fsync(tasks)
                 _unlink(task_id, self.dir_fd("locks"))
                 _unlink(tomb, tmp)
+            if task is not None:
+                self.unindex(_bucket(task.updated), task_id)
 
-    def forget_marker(self, task_id):
-        """Drop the Pending marker of a finished task (best effort: a stale
-        marker only costs ``ls`` one more look at the task)."""
+    def hold_mark(self, task_id: str) -> int:
+        """(In the worker, before it records its identity.) Open the task's
+        mark and flock it, for the life of the calling process; returns the
+        descriptor. Raises TaskInProgress if another worker holds it."""
+        pending = self.dir_fd("pending")
+        with _io("cannot open the mark of task %s" % task_id):
+            fd = os.open(task_id, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600,
+                         dir_fd=pending)
         try:
-            _unlink(task_id, self.dir_fd("pending"))
-        except OSError:
-            pass
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise InternalError("the mark of task %s is not a regular file" % task_id)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise TaskInProgress(task_id) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
-    def sweep_tmp(self, age):
+    def mark(self, task_id: str) -> Optional[Tuple[int, int]]:
+        """``(device, inode)`` of the task's mark, or None if it has none
+        (finished, or damaged): what a live worker must hold open."""
+        try:
+            st = os.stat(task_id, dir_fd=self.dir_fd("pending"), follow_symlinks=False)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+
+    def finished(self, task: Task) -> None:
+        """Index a finished task by its end time (``ended/``), then drop
+        its Pending marker and cancel request. Best effort: if the index
+        entry cannot be made, the marker stays and the next ``ls`` (which
+        reconciles marked tasks) tries again."""
+        try:
+            ended = self.dir_fd("ended")
+            bucket = str(_bucket(task.updated))
+            try:
+                os.mkdir(bucket, 0o700, dir_fd=ended)
+            except FileExistsError:
+                pass
+            fd = os.open(bucket, _O_DIR, dir_fd=ended)
+            try:
+                os.close(os.open(task.id, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=fd))
+            finally:
+                os.close(fd)
+        except (OSError, PluginError):
+            return
+        self.forget_marker(task.id)
+
+    def unindex(self, bucket: int, task_id: str) -> None:
+        """Drop a task's ``ended/`` entry, and its bucket once empty."""
+        try:
+            ended = self.dir_fd("ended")
+            fd = os.open(str(bucket), _O_DIR, dir_fd=ended)
+            try:
+                _unlink(task_id, fd)
+            finally:
+                os.close(fd)
+            os.rmdir(str(bucket), dir_fd=ended)
+        except (OSError, PluginError):
+            pass  # not there, or not empty
+
+    def ended_before(self, bucket: int, limit: int) -> List[Tuple[int, str]]:
+        """Up to ``limit`` ``(bucket, id)`` entries of tasks that ended in
+        buckets before ``bucket``, oldest buckets first. Reads the bucket
+        names and only as many entries as it returns."""
+        ended = self.dir_fd("ended")
+        found: List[Tuple[int, str]] = []
+        for b in sorted(int(n) for n in os.listdir(ended) if n.isdigit() and int(n) < bucket):
+            try:
+                fd = os.open(str(b), _O_DIR, dir_fd=ended)
+            except OSError:
+                continue
+            try:
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        found.append((b, entry.name))
+                        if len(found) >= limit:
+                            return found
+            finally:
+                os.close(fd)
+        return found
+
+    def forget_marker(self, task_id: str) -> None:
+        """Drop the Pending marker and cancel request of a finished task
+        (best effort: a stale marker only costs ``ls`` one more look at the
+        task)."""
+        for name in ("pending", "cancels"):
+            try:
+                _unlink(task_id, self.dir_fd(name))
+            except OSError:
+                pass
+
+    def sweep_tmp(self, age: float) -> None:
         """Remove what processes killed midway left in ``tmp/``: temporary
         files older than ``age`` seconds, and the tombstones of interrupted
         destroys together with their lock files."""
@@ -324,14 +573,30 @@ class Store:
         for name in os.listdir(tmp):
             try:
                 if name.endswith(TOMBSTONE):
-                    _unlink(name[: -len(TOMBSTONE)], self.dir_fd("locks"))
+                    task_id = name[: -len(TOMBSTONE)]
+                    self._unindex_tombstone(name, task_id)
+                    _unlink(task_id, self.dir_fd("locks"))
                     _unlink(name, tmp)
                 elif now - os.stat(name, dir_fd=tmp, follow_symlinks=False).st_mtime > age:
                     _unlink(name, tmp)
             except OSError:
                 pass
 
-    def forget_stale_marker(self, task_id, age):
+    def _unindex_tombstone(self, name: str, task_id: str) -> None:
+        """A destroy died after its commit point: the tombstone is the task
+        file it renamed away, and names the retention entry to drop."""
+        try:
+            fd = os.open(name, _O_READ, dir_fd=self.dir_fd("tmp"))
+            try:
+                data = os.read(fd, MAX_TASK_FILE + 1)
+            finally:
+                os.close(fd)
+            updated = json.loads(data.decode("utf-8"))["updated"]
+            self.unindex(_bucket(float(updated)), task_id)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable: a sweep drops the entry once it is due
+
+    def forget_stale_marker(self, task_id: str, age: float) -> None:
         """Remove the marker and lock left by a ``create`` that died before
         writing the task file, once the marker is ``age`` seconds old and no
         creator holds the lock."""

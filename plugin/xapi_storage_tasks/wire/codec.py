@@ -305,7 +305,7 @@ def encode_result(kind: str, value: object) -> Json:
     if kind == "status":
         return encode_status(value)
     if kind in ("query", "attach"):  # records built to the wire's shape by their method
-        return dict(value)
+        return dict(value)  # type: ignore[call-overload]
     if kind == "string":
         return str(value)
     raise ValueError("unknown result kind %r" % kind)

@@ -108,6 +108,13 @@ class TaskCorrupt(_AboutTask):
         return self._detail(1)
 
 
+class TaskBusy(PluginError):
+    """The task's lock stayed held by another process for the whole bounded
+    wait (``TASK_LOCK_WAIT``); nothing changed. Retry."""
+
+    name = "Task_busy"
+
+
 class StateDirInvalid(PluginError):
     """The state directory is missing, unsafe (foreign owner, writable by
     others, a symlink) or otherwise unusable: ``path``, then ``reason``."""
