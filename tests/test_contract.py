@@ -201,20 +201,10 @@ def test_the_graph_reader_sees_imports_and_finds_cycles():
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
-# The one cycle of the tree this branch started from (the cancel path's
-# lifecycle -> worker.spawn_escalator); the task core's own branch removes
-# it. Delete this allowance when that lands: the test below fails once the
-# edge is gone, so it cannot outlive its reason.
-KNOWN_CYCLE_EDGE = ("xapi_storage_tasks.tasks.lifecycle", "xapi_storage_tasks.tasks.worker")
-
-
 def test_the_package_has_no_import_cycle():
     """Not at import time, and not through the imports functions make
     when called either: every dependency points one way."""
     graph = {m: {n for n, _ in edges} for m, edges in import_graph().items()}
-    if KNOWN_CYCLE_EDGE is not None:
-        assert KNOWN_CYCLE_EDGE[1] in graph[KNOWN_CYCLE_EDGE[0]], "the known cycle is gone: delete KNOWN_CYCLE_EDGE"
-        graph[KNOWN_CYCLE_EDGE[0]].discard(KNOWN_CYCLE_EDGE[1])
     assert _cycle(graph) is None
 
 

@@ -45,6 +45,7 @@ _EXPORTS = {
     "TaskDoesNotExist": _ERRORS,
     "TaskInProgress": _ERRORS,
     "TaskCorrupt": _ERRORS,
+    "TaskBusy": _ERRORS,
     "StateDirInvalid": _ERRORS,
     "OperationFailed": _ERRORS,
     "NbdError": _ERRORS,
@@ -63,7 +64,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from xapi_storage_tasks.tasks.worker import Cancelled, Context, start  # noqa: F401
     from xapi_storage_tasks.wire.errors import (  # noqa: F401
         DaemonUnavailable, InternalError, InvalidArguments, NbdError, OperationFailed, PermissionDenied, PluginError,
-        ServiceUnavailable, StateDirInvalid, TaskCorrupt, TaskDoesNotExist, TaskInProgress, Unimplemented,
+        ServiceUnavailable, StateDirInvalid, TaskBusy, TaskCorrupt, TaskDoesNotExist, TaskInProgress, Unimplemented,
     )
 
 
