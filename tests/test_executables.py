@@ -218,6 +218,17 @@ def test_executables_run_with_the_installed_interpreter_flags(store):
     assert isolated.stdout == run_bin("Task.stat", params).stdout
 
 
+@pytest.mark.parametrize("torn", [b"{torn", b'{"id": }', b"[1,"])
+def test_a_torn_task_file_is_reported_corrupt_by_a_fresh_process(store, state_dir, torn):
+    """The store parses task files without the json module: a file torn
+    inside a value is still Task_corrupt, not an internal error (before
+    Python 3.12 the C parser reports such errors only through an imported
+    json.decoder)."""
+    task = store.create("torn")
+    (state_dir / "tasks" / (task.id + ".json")).write_bytes(torn)
+    assert run_bin("Task.stat", {"dbg": "d", "id": task.id}).error_name == "Task_corrupt"
+
+
 HEAVY = {
     "argparse", "traceback", "xapi_storage_tasks.wire.boundary",  # usage and failures only
     "typing", "types", "collections", "functools", "contextlib",  # annotations and helpers: never at run time
