@@ -27,6 +27,10 @@ from xapi_storage_tasks import registry, settings
 from xapi_storage_tasks.wire import codec
 from xapi_storage_tasks.wire.errors import InvalidArguments, Unimplemented
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing stays out of every call
+    from typing import NoReturn
+
 MAX_INPUT = settings.MAX_INPUT
 
 
@@ -137,7 +141,7 @@ teardown to do, and that teardown (freeing every module) costs a quarter
 of a bare interpreter start."""
 
 
-def run(argv: list[str]) -> None:
+def run(argv: list[str]) -> NoReturn:
     """The executables' exit: :func:`main`, then leave. After a polled read
     (:data:`LEAN_EXIT`) with its output flushed, no thread and no exit
     handler, leave at once (``os._exit``); otherwise through the usual
@@ -152,7 +156,8 @@ def run(argv: list[str]) -> None:
             sys.stderr.flush()
         except BaseException:
             sys.exit(status)  # e.g. a closed pipe: the teardown reports it as usual
-        if not atexit._ncallbacks():
+        handlers = getattr(atexit, "_ncallbacks", None)  # CPython's count of exit handlers
+        if handlers is not None and handlers() == 0:
             os._exit(status)
     sys.exit(status)
 
