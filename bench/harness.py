@@ -70,6 +70,18 @@ def time_command(argv, stdin=b"", env=None, repeat=20):
     return samples
 
 
+def time_interleaved(commands, env=None, repeat=20):
+    """Like :func:`time_command` for several commands ``{name: (argv,
+    stdin)}``, run in turn within each round, so a figure and its baseline
+    see the same machine load (other processes come and go on a shared
+    host). Returns ``{name: samples}``."""
+    samples = {name: [] for name in commands}
+    for _ in range(repeat):
+        for name, (argv, stdin) in commands.items():
+            samples[name] += time_command(argv, stdin, env, 1)
+    return samples
+
+
 def summary(samples):
     """(median, spread) where spread is the interquartile range relative to
     the median."""
@@ -82,8 +94,11 @@ def summary(samples):
     return med, spread
 
 
-def row(name, samples, unit="ms", scale=1e3, baseline=None, baseline_name=None, goal=None):
-    """A result row; ``baseline`` is a list of samples measured alongside."""
+def row(name, samples, unit="ms", scale=1e3, baseline=None, baseline_name=None, goal=None, also=None):
+    """A result row; ``baseline`` is a list of samples measured alongside
+    (the goal's ratio is against it). ``also`` is ``(samples, name)`` of a
+    second baseline, printed beside the first (e.g. the interpreter's plain
+    start beside its start with the executables' flags)."""
     value, spread = summary(samples)
     out = {"name": name, "value": value * scale, "unit": unit, "spread": spread, "goal": goal,
            "baseline": None, "baseline_name": baseline_name, "ratio": None}
@@ -91,6 +106,11 @@ def row(name, samples, unit="ms", scale=1e3, baseline=None, baseline_name=None, 
         base, _ = summary(baseline)
         out["baseline"] = base * scale
         out["ratio"] = value / base if base else None
+    if also is not None:
+        base, _ = summary(also[0])
+        out["also_baseline"] = base * scale
+        out["also_baseline_name"] = also[1]
+        out["also_ratio"] = value / base if base else None
     return out
 
 
@@ -102,8 +122,11 @@ def print_table(rows, out=sys.stdout):
     for r in rows:
         base = "-" if r["baseline"] is None else "%.2f %s %s" % (r["baseline"], r["unit"], r["baseline_name"] or "")
         ratio = "-" if r["ratio"] is None else "%.2fx" % r["ratio"]
-        print("%-50s %9.2f %-2s %7.0f%% %36s %8s  %s" % (
-            r["name"], r["value"], r["unit"], 100 * r["spread"], base, ratio, r["goal"] or ""), file=out)
+        also = ""
+        if r.get("also_ratio") is not None:
+            also = "  (%.2fx %.2f %s %s)" % (r["also_ratio"], r["also_baseline"], r["unit"], r["also_baseline_name"])
+        print("%-50s %9.2f %-2s %7.0f%% %36s %8s  %s%s" % (
+            r["name"], r["value"], r["unit"], 100 * r["spread"], base, ratio, r["goal"] or "", also), file=out)
 
 
 def write_json(rows, path, meta=None):

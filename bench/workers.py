@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from harness import BIN, ROOT, bench_env, row, time_command
+from harness import BIN, ROOT, bench_env, executable, host_python, row, time_command
 
 sys.path[:0] = [os.path.join(ROOT, "plugin"), os.path.join(ROOT, "tests")]
 
@@ -103,8 +103,8 @@ def _retention(args, tmp, n):
     small_id = _small_store(small)
     big_id = _small_store(big)
     _populate_expired(big, args.tasks)
-    py = sys.executable
-    stat, ls = [py, os.path.join(BIN, "Task.stat"), "--json"], [py, os.path.join(BIN, "Task.ls"), "--json"]
+    host = host_python()  # as a host runs the executables
+    stat, ls = executable("Task.stat", host) + ["--json"], executable("Task.ls", host) + ["--json"]
     keep = {"TASK_RETENTION": 3600}
     rows = []
     for name, argv, params in (("Task.stat", stat, "id"), ("Task.ls", ls, None)):

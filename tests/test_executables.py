@@ -218,23 +218,57 @@ def test_executables_run_with_the_installed_interpreter_flags(store):
     assert isolated.stdout == run_bin("Task.stat", params).stdout
 
 
-def test_a_successful_call_loads_no_error_formatting_argument_parser_or_typing(store, tmp_path):
-    """The per-call path stays light: the error boundary and traceback are
-    imported by failures only, argparse by positional calls only, and
-    typing never at run time (annotations are for the type checker:
-    ``import typing`` alone costs most of a bare interpreter start). (The
-    store still imports json; see the README's performance section.)"""
+@pytest.mark.parametrize("torn", [b"{torn", b'{"id": }', b"[1,"])
+def test_a_torn_task_file_is_reported_corrupt_by_a_fresh_process(store, state_dir, torn):
+    """The store parses task files without the json module: a file torn
+    inside a value is still Task_corrupt, not an internal error (before
+    Python 3.12 the C parser reports such errors only through an imported
+    json.decoder)."""
+    task = store.create("torn")
+    (state_dir / "tasks" / (task.id + ".json")).write_bytes(torn)
+    assert run_bin("Task.stat", {"dbg": "d", "id": task.id}).error_name == "Task_corrupt"
+
+
+HEAVY = {
+    "argparse", "traceback", "xapi_storage_tasks.wire.boundary",  # usage and failures only
+    "typing", "types", "collections", "functools", "contextlib",  # annotations and helpers: never at run time
+    "json", "re", "enum", "signal",  # the store uses wire.jsontext; signal only where one is sent
+    "xapi_storage_tasks.tasks.worker", "xapi_storage_tasks.data.copy",
+}
+
+
+@pytest.mark.parametrize("call", ["Task.ls", "Task.stat", "Data.stat of a copy", "Data.stat of a running mirror"])
+def test_a_successful_call_loads_no_error_formatting_argument_parser_or_typing(store, tmp_path, call):
+    """The polled calls stay light: the error boundary and traceback are
+    imported by failures only, argparse by positional calls only, typing
+    never at run time (annotations are for the type checker: ``import
+    typing`` alone costs most of a bare interpreter start), and neither
+    json, contextlib nor signal (which imports enum) on the read path."""
     done = store.create("light")
     store.transition(done.id, lambda t: Completed(1))
+    copy = store.create("light", {"kind": "CopyV1", "args": {}})
+    store.transition(copy.id, lambda t: Completed(1))
+    mirror = store.create("light", {"kind": "MirrorV1", "args": {}, "ready": True})  # Pending, synchronised
+    method, params, expected = {
+        "Task.ls": ("Task.ls", {"dbg": "d"}, [done.id, copy.id, mirror.id]),
+        "Task.stat": ("Task.stat", {"dbg": "d", "id": done.id}, None),
+        "Data.stat of a copy": ("Data.stat", {"dbg": "d", "operation": ["CopyV1", copy.id]},
+                                {"failed": False, "complete": True, "progress": 1.0}),
+        "Data.stat of a running mirror": ("Data.stat", {"dbg": "d", "operation": ["MirrorV1", mirror.id]},
+                                          {"failed": False, "complete": True, "progress": 1.0}),
+    }[call]
     probe = tmp_path / "probe.py"
     probe.write_text("import sys\n"
                      "sys.path.insert(0, %r)\n"
                      "from xapi_storage_tasks.entry import main\n"
                      "status = main([%r, '--json'])\n"
                      "sys.stderr.write(' '.join(sorted(sys.modules)))\n"
-                     "sys.exit(status)\n" % (SRC, os.path.join(BIN, "Task.ls")))
-    res = subprocess.run([sys.executable, "-I", "-S", str(probe)], input=b'{"dbg": "d"}', capture_output=True, timeout=30)
-    assert res.returncode == 0 and json.loads(res.stdout) == [done.id]
+                     "sys.exit(status)\n" % (SRC, os.path.join(BIN, method)))
+    res = subprocess.run([sys.executable, "-I", "-S", str(probe)], input=json.dumps(params).encode(),
+                         capture_output=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got == expected if expected is not None else got["id"] == done.id
     loaded = set(res.stderr.decode().split())
     assert {"xapi_storage_tasks.entry", "xapi_storage_tasks.tasks.store"} <= loaded  # the probe sees the call's imports
-    assert not loaded & {"argparse", "traceback", "typing", "xapi_storage_tasks.wire.boundary"}
+    assert not loaded & HEAVY

@@ -27,6 +27,10 @@ from xapi_storage_tasks import registry, settings
 from xapi_storage_tasks.wire import codec
 from xapi_storage_tasks.wire.errors import InvalidArguments, Unimplemented
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing stays out of every call
+    from typing import NoReturn
+
 MAX_INPUT = settings.MAX_INPUT
 
 
@@ -128,6 +132,34 @@ def main(argv: list[str] | None = None) -> int:
         if boundary.is_unexpected(exc):
             _log_traceback(name, exc)
         return 1
+
+
+LEAN_EXIT = frozenset({"Task.stat", "Task.ls", "Data.stat", "Data.ls"})
+"""The polled reads, whose work is all plain system calls on the store:
+once their answer is flushed, nothing is left for the interpreter's
+teardown to do, and that teardown (freeing every module) costs a quarter
+of a bare interpreter start."""
+
+
+def run(argv: list[str]) -> NoReturn:
+    """The executables' exit: :func:`main`, then leave. After a polled read
+    (:data:`LEAN_EXIT`) with its output flushed, no thread and no exit
+    handler, leave at once (``os._exit``); otherwise through the usual
+    teardown."""
+    status = main(argv)
+    method = registry.lookup(os.path.basename(argv[0]))
+    if method is not None and method.name in LEAN_EXIT and "threading" not in sys.modules:
+        import atexit
+
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BaseException:
+            sys.exit(status)  # e.g. a closed pipe: the teardown reports it as usual
+        handlers = getattr(atexit, "_ncallbacks", None)  # CPython's count of exit handlers
+        if handlers is not None and handlers() == 0:
+            os._exit(status)
+    sys.exit(status)
 
 
 def _log_traceback(name: str, exc: BaseException) -> None:

@@ -17,13 +17,16 @@ anything. Everything here reads ``/proc`` directly, so it is cheap enough
 for every ``Task.stat``.
 """
 
-import os
-import select
-import signal
-import time
-from typing import Any, Dict, List, Optional, Tuple
+from __future__ import annotations
 
-Identity = Dict[str, Any]
+import os
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing stays out of every call
+    from typing import Any, Dict
+
+    Identity = Dict[str, Any]
 
 _BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
@@ -34,7 +37,7 @@ def boot_id() -> str:
         return f.read().strip()
 
 
-def _stat_fields(pid: int) -> Optional[List[bytes]]:
+def _stat_fields(pid: int) -> list[bytes] | None:
     """Fields 3.. of /proc/PID/stat (state first), or None if no such
     process. The command name may hold spaces and parentheses, so split
     after the last ')'."""
@@ -46,7 +49,7 @@ def _stat_fields(pid: int) -> Optional[List[bytes]]:
     return data[data.rindex(b")") + 2:].split()
 
 
-def identity(pid: Optional[int] = None) -> Optional[Identity]:
+def identity(pid: int | None = None) -> Identity | None:
     """The identity of ``pid`` (default: this process), or None if it is
     gone."""
     pid = os.getpid() if pid is None else pid
@@ -86,7 +89,7 @@ def matches(ident: Any) -> bool:
     )
 
 
-def refusal(ident: Any) -> Optional[str]:
+def refusal(ident: Any) -> str | None:
     """Why ``ident`` must never be signalled, or None."""
     if not _well_formed(ident):
         return "malformed identity"
@@ -97,7 +100,7 @@ def refusal(ident: Any) -> Optional[str]:
     return None
 
 
-def signal_worker(ident: Identity, sig: int, mark: Optional[Tuple[int, int]]) -> bool:
+def signal_worker(ident: Identity, sig: int, mark: tuple[int, int] | None) -> bool:
     """Send ``sig`` to the worker's process group, only if ``ident`` still
     names the same live process and that process holds the task's ``mark``
     (see :func:`holds`). Returns True if it was signalled.
@@ -109,6 +112,8 @@ def signal_worker(ident: Identity, sig: int, mark: Optional[Tuple[int, int]]) ->
     """
     if refusal(ident) is not None:
         return False
+    import signal  # only a call that signals pays for it (it imports enum)
+
     pid = ident["pid"]
     pidfd = None
     if hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal"):
@@ -136,7 +141,7 @@ def signal_worker(ident: Identity, sig: int, mark: Optional[Tuple[int, int]]) ->
             os.close(pidfd)
 
 
-def holds(ident: Any, mark: Optional[Tuple[int, int]]) -> bool:
+def holds(ident: Any, mark: tuple[int, int] | None) -> bool:
     """True when the process ``ident`` names has the file ``mark``
     (``(device, inode)``) open on descriptor ``ident["fd"]``, as the kernel
     sees it. Call only after :func:`matches` (the pid is that process)."""
@@ -151,6 +156,8 @@ def holds(ident: Any, mark: Optional[Tuple[int, int]]) -> bool:
 
 
 def _exited(pidfd: int, timeout: float) -> bool:
+    import select
+
     return bool(select.select([pidfd], [], [], timeout)[0])
 
 

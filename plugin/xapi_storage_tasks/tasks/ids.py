@@ -6,16 +6,17 @@ therefore sorts in creation order, which lets ``Task.ls`` list tasks
 oldest-first from directory names alone, without opening any file.
 """
 
+from __future__ import annotations
+
 import os
 import time
-from typing import Optional
 
 _HEX = frozenset("0123456789abcdef")
 _DASHES = (8, 13, 18, 23)
 LENGTH = 36
 
 
-def new_id(now_ns: Optional[int] = None) -> str:
+def new_id(now_ns: int | None = None) -> str:
     """Return a fresh id for a task created at ``now_ns`` (default: now)."""
     if now_ns is None:
         now_ns = time.time_ns()

@@ -13,24 +13,30 @@ Used by ``Task.*`` and ``Data.*`` alike. The rules:
   killed with SIGKILL, then handled as gone.
 """
 
+from __future__ import annotations
+
 import os
-import signal
 import stat
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from xapi_storage_tasks import settings
-from xapi_storage_tasks.tasks import log, retention
 from xapi_storage_tasks.process import identity
+from xapi_storage_tasks.tasks import log, retention
+from xapi_storage_tasks.tasks.state import CANCELLED, Failed
 from xapi_storage_tasks.wire.errors import InternalError, TaskBusy, TaskCorrupt, TaskDoesNotExist
-from xapi_storage_tasks.tasks.record import Task
-from xapi_storage_tasks.tasks.state import CANCELLED, Failed, State
-from xapi_storage_tasks.tasks.store import Store
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing stays out of every call
+    from collections.abc import Callable, Sequence
+
+    from xapi_storage_tasks.tasks.record import Task
+    from xapi_storage_tasks.tasks.state import State
+    from xapi_storage_tasks.tasks.store import Store
 
 START_TIMEOUT = 30.0
 
 
-def remove_artifacts(paths: Sequence[str], created: Dict[str, List[int]]) -> List[Tuple[str, str]]:
+def remove_artifacts(paths: Sequence[str], created: dict[str, list[int]]) -> list[tuple[str, str]]:
     """Remove declared artifacts, newest first, each only while it is the
     very file the task created (same device and inode as recorded in
     ``created``); missing ones are fine. Returns ``(path, why)`` for each
@@ -90,8 +96,8 @@ def _needs_action(store: Store, task: Task, now: float) -> bool:
     return task.cancel is not None and now - task.cancel >= settings.cancel_grace()
 
 
-def _decide(store: Store) -> Callable[[Task], Optional[State]]:
-    def decide(task: Task) -> Optional[State]:
+def _decide(store: Store) -> Callable[[Task], State | None]:
+    def decide(task: Task) -> State | None:
         now = time.time()
         if not _needs_action(store, task, now):
             return None
@@ -100,6 +106,8 @@ def _decide(store: Store) -> Callable[[Task], Optional[State]]:
             # Overdue after a cancel: SIGKILL cannot be ignored.
             waited = now - (task.cancel or now)
             log.task_event(store, task, "worker pid %d ignored SIGTERM for %.1fs: SIGKILL" % (worker["pid"], waited))
+            import signal  # only where a signal is sent: it imports enum
+
             identity.signal_worker(worker, signal.SIGKILL, store.mark(task.id))
             if not identity.wait_gone(worker, 2.0):
                 return None
@@ -138,6 +146,8 @@ def reconcile(store: Store, task_id: str) -> Task:
     worker = task.worker
     if worker is not None and task.cancel is not None and _vouched(store, task):
         log.task_event(store, task, "worker pid %d ignored SIGTERM for %.1fs: SIGKILL" % (worker["pid"], now - task.cancel))
+        import signal
+
         identity.signal_worker(worker, signal.SIGKILL, store.mark(task_id))
         identity.wait_gone(worker, 2.0)
     try:
@@ -180,6 +190,8 @@ def request_cancel(store: Store, task_id: str) -> Task:
     if task.worker is None:
         log.task_event(store, task, "cancel requested before the worker started")
         return task  # the worker honours it as soon as it records itself
+    import signal
+
     signalled = identity.signal_worker(task.worker, signal.SIGTERM, store.mark(task_id))
     outcome = "sent" if signalled else "not sent (worker gone, or not vouched for by the kernel)"
     log.task_event(store, task, "cancel requested: SIGTERM to pid %s %s" % (task.worker.get("pid"), outcome))

@@ -6,13 +6,14 @@ Lines go to syslog when the machine has one (``/dev/log``), else to
 full disk must not turn a successful call into a failed one.
 """
 
+from __future__ import annotations
+
 import os
 import time
 
-from typing import TYPE_CHECKING
-
 from xapi_storage_tasks import settings
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:  # the store imports this module
     from xapi_storage_tasks.tasks.record import Task
     from xapi_storage_tasks.tasks.store import Store
@@ -20,7 +21,7 @@ if TYPE_CHECKING:  # the store imports this module
 IDENT = "xapi-storage-tasks"
 
 
-def _emit(store: "Store", filename: str, line: str) -> None:
+def _emit(store: Store, filename: str, line: str) -> None:
     try:
         if settings.use_syslog():
             import syslog
@@ -40,11 +41,11 @@ def _emit(store: "Store", filename: str, line: str) -> None:
         pass
 
 
-def task_event(store: "Store", task: "Task", message: str) -> None:
+def task_event(store: Store, task: Task, message: str) -> None:
     """Log ``message`` for ``task`` with its id and debug context."""
     _emit(store, task.id + ".log", "task=%s dbg=%s %s" % (task.id, task.debug_info, message))
 
 
-def store_event(store: "Store", message: str) -> None:
+def store_event(store: Store, message: str) -> None:
     """Log something about the store as a whole (e.g. a corrupt file)."""
     _emit(store, "store.log", message)

@@ -18,10 +18,16 @@ One plain, versioned JSON object per task (never pickle):
                  Optional on read (older files have none).
 """
 
-from typing import Any, Dict, Iterable, List, Optional
+from __future__ import annotations
 
-from xapi_storage_tasks.tasks.state import State
 from xapi_storage_tasks.wire import codec
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing stays out of every call
+    from collections.abc import Iterable
+    from typing import Any
+
+    from xapi_storage_tasks.tasks.state import State
 
 VERSION = 1
 
@@ -42,10 +48,10 @@ class Task:
         "created",
     )
 
-    def __init__(self, id: str, debug_info: str, ctime: float, state: State, updated: Optional[float] = None,
-                 operation: Optional[Dict[str, Any]] = None, worker: Optional[Dict[str, Any]] = None,
-                 cancel: Optional[float] = None, artifacts: Iterable[str] = (),
-                 created: Optional[Dict[str, List[int]]] = None) -> None:
+    def __init__(self, id: str, debug_info: str, ctime: float, state: State, updated: float | None = None,
+                 operation: dict[str, Any] | None = None, worker: dict[str, Any] | None = None,
+                 cancel: float | None = None, artifacts: Iterable[str] = (),
+                 created: dict[str, list[int]] | None = None) -> None:
         self.id = id
         self.debug_info = debug_info
         self.ctime = float(ctime)
@@ -58,11 +64,11 @@ class Task:
         self.created = dict(created or {})
 
     @property
-    def kind(self) -> Optional[str]:
+    def kind(self) -> str | None:
         """The operation's kind (``"CopyV1"``...) or None for a plain task."""
         return self.operation.get("kind") if self.operation else None
 
-    def to_disk(self) -> Dict[str, Any]:
+    def to_disk(self) -> dict[str, Any]:
         """The JSON object written to the task's file."""
         return {
             "version": VERSION,
@@ -79,7 +85,7 @@ class Task:
         }
 
     @classmethod
-    def from_disk(cls, obj: object) -> "Task":
+    def from_disk(cls, obj: object) -> Task:
         """Parse a task file's JSON; raises ValueError naming what is wrong."""
         if not isinstance(obj, dict):
             raise ValueError("not a JSON object")

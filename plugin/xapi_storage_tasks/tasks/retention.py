@@ -14,14 +14,19 @@ tasks forever), log included, by whichever call notices:
   at most :data:`SCAN` entries, never the task files or the whole store.
 """
 
+from __future__ import annotations
+
 import time
-from typing import Optional
 
 from xapi_storage_tasks import settings
 from xapi_storage_tasks.tasks import log
-from xapi_storage_tasks.tasks.record import Task
-from xapi_storage_tasks.tasks.store import ENDED_WIDTH, Store
+from xapi_storage_tasks.tasks.store import ENDED_WIDTH
 from xapi_storage_tasks.wire.errors import PluginError, TaskBusy, TaskDoesNotExist, TaskInProgress
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing stays out of every call
+    from xapi_storage_tasks.tasks.record import Task
+    from xapi_storage_tasks.tasks.store import Store
 
 PER_CALL = 4
 """Expired tasks destroyed at most per call."""
@@ -29,7 +34,7 @@ SCAN = 32
 """``ended/`` entries examined at most per call."""
 
 
-def expired(task: Task, now: Optional[float] = None) -> bool:
+def expired(task: Task, now: float | None = None) -> bool:
     """True when ``task`` finished more than the retention time ago."""
     keep = settings.retention()
     if keep <= 0 or not task.state.terminal:

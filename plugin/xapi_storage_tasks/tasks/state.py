@@ -5,8 +5,13 @@ A task is ``Pending(progress)``, ``Completed(duration, result)`` or
 transitions, and it asks :func:`check` first.
 """
 
+from __future__ import annotations
+
 import math
-from typing import Any, Tuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing stays out of every call
+    from typing import Any
 
 
 class State:
@@ -15,7 +20,7 @@ class State:
     __slots__ = ()
     terminal = False
 
-    def _key(self) -> Tuple[Any, ...]:
+    def _key(self) -> tuple[Any, ...]:
         raise NotImplementedError
 
     def __eq__(self, other: object) -> bool:
@@ -39,7 +44,7 @@ class Pending(State):
             raise ValueError("progress must be a finite number")
         self.progress = min(1.0, max(0.0, progress))
 
-    def _key(self) -> Tuple[Any, ...]:
+    def _key(self) -> tuple[Any, ...]:
         return (self.progress,)
 
 
@@ -60,7 +65,7 @@ class Completed(State):
         self.duration = duration
         self.result = result
 
-    def _key(self) -> Tuple[Any, ...]:
+    def _key(self) -> tuple[Any, ...]:
         return (self.duration, repr(self.result))
 
 
@@ -74,7 +79,7 @@ class Failed(State):
     def __init__(self, message: object) -> None:
         self.message = str(message)
 
-    def _key(self) -> Tuple[Any, ...]:
+    def _key(self) -> tuple[Any, ...]:
         return (self.message,)
 
 

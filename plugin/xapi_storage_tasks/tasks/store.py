@@ -36,18 +36,19 @@ table in :mod:`xapi_storage_tasks.tasks.state`; :meth:`Store.annotate` changes t
 fields and refuses to touch the state.
 """
 
-import contextlib
+from __future__ import annotations
+
 import errno
 import fcntl
-import json
 import os
 import stat
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from xapi_storage_tasks import settings
-from xapi_storage_tasks.tasks import ids
-from xapi_storage_tasks.tasks import log
+from xapi_storage_tasks.tasks import ids, log
+from xapi_storage_tasks.tasks.record import Task
+from xapi_storage_tasks.tasks.state import Pending, check
+from xapi_storage_tasks.wire import jsontext
 from xapi_storage_tasks.wire.errors import (
     InternalError,
     PluginError,
@@ -57,8 +58,13 @@ from xapi_storage_tasks.wire.errors import (
     TaskDoesNotExist,
     TaskInProgress,
 )
-from xapi_storage_tasks.tasks.state import Pending, State, check
-from xapi_storage_tasks.tasks.record import Task
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing stays out of every call
+    from collections.abc import Callable
+    from typing import Any
+
+    from xapi_storage_tasks.tasks.state import State
 
 MAX_TASK_FILE = 1 << 20
 TOMBSTONE = ".destroyed"
@@ -150,20 +156,29 @@ def _open_root(path: str) -> int:
     return fd
 
 
-def _is_symlink(name: str, dir_fd: Optional[int]) -> bool:
+def _is_symlink(name: str, dir_fd: int | None) -> bool:
     try:
         return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
     except OSError:
         return False
 
 
-@contextlib.contextmanager
-def _io(what: str) -> Iterator[None]:
-    """Report a failed store operation as an InternalError naming it."""
-    try:
-        yield
-    except OSError as e:
-        raise InternalError("%s: %s" % (what, e.strerror or e)) from None
+class _io:
+    """``with _io(what):`` reports a failed store operation (an OSError)
+    as an InternalError naming it. (A class, not contextlib: every call
+    imports this module.)"""
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, kind: object, e: BaseException | None, tb: object) -> None:
+        if isinstance(e, OSError):
+            raise InternalError("%s: %s" % (self.what, e.strerror or e)) from None
 
 
 def _unlink(name: str, dir_fd: int) -> None:
@@ -198,16 +213,41 @@ def _flock(fd: int, wait: float) -> bool:
             delay = min(delay * 2, 0.005)
 
 
+class _Locked:
+    """``with store._locked(task_id, wait):`` holds the task's lock,
+    waited for at most ``wait`` seconds (then Task_busy)."""
+
+    __slots__ = ("store", "task_id", "wait", "fd")
+
+    def __init__(self, store: Store, task_id: str, wait: float) -> None:
+        self.store, self.task_id, self.wait, self.fd = store, task_id, wait, -1
+
+    def __enter__(self) -> None:
+        fd = self.store._open_lock(self.task_id)
+        try:
+            if not _flock(fd, self.wait):
+                raise TaskBusy(self.task_id, "its lock has been held by another process for %gs; retry" % self.wait)
+            if os.fstat(fd).st_nlink == 0:  # destroyed while we waited
+                raise TaskDoesNotExist(self.task_id)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
 class Store:
     """A state directory. Cheap to open: one directory per method call."""
 
-    def __init__(self, path: Optional[str] = None, lock_wait: Optional[float] = None) -> None:
+    def __init__(self, path: str | None = None, lock_wait: float | None = None) -> None:
         self.path = os.path.abspath(path or settings.state_dir())
         self.lock_wait = settings.lock_wait() if lock_wait is None else lock_wait
         self.swept = False
         """Set once retention has run with this store (once per call)."""
         self._root = _open_root(self.path)
-        self._dirs: Dict[str, int] = {}
+        self._dirs: dict[str, int] = {}
 
     def close(self) -> None:
         """Release the directory descriptors."""
@@ -216,7 +256,7 @@ class Store:
         self._dirs.clear()
         self._root = -1
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -232,13 +272,13 @@ class Store:
 
     # -- reading ------------------------------------------------------------
 
-    def ids(self) -> List[str]:
+    def ids(self) -> list[str]:
         """Every task id, oldest first (ids sort by creation time)."""
         names = os.listdir(self.dir_fd("tasks"))  # only <id>.json lives here
         names.sort()
         return [n[:-5] for n in names]
 
-    def pending_ids(self) -> List[str]:
+    def pending_ids(self) -> list[str]:
         """Ids marked Pending: the only tasks that can need reconciling."""
         return sorted(os.listdir(self.dir_fd("pending")))
 
@@ -259,7 +299,7 @@ class Store:
         try:
             if len(data) > MAX_TASK_FILE:
                 raise ValueError("file larger than %d bytes" % MAX_TASK_FILE)
-            task = Task.from_disk(json.loads(data.decode("utf-8")))
+            task = Task.from_disk(jsontext.loads(data.decode("utf-8")))
             if task.id != task_id:
                 raise ValueError("file holds id %r" % task.id)
         except ValueError as e:  # includes JSON and UTF-8 errors
@@ -268,7 +308,7 @@ class Store:
             task.cancel = self.cancel_time(task_id)
         return task
 
-    def cancel_time(self, task_id: str) -> Optional[float]:
+    def cancel_time(self, task_id: str) -> float | None:
         """When a cancel of the task was requested (see
         :meth:`request_cancel`), or None."""
         try:
@@ -306,7 +346,7 @@ class Store:
 
     def _write(self, task: Task) -> None:
         d, tmp_d = self.dir_fd("tasks"), self.dir_fd("tmp")
-        data = json.dumps(task.to_disk(), separators=(",", ":")).encode()
+        data = jsontext.dumps(task.to_disk(), compact=True).encode()
         tmp = "%s.%s" % (task.id, os.urandom(4).hex())
         try:
             with _io("cannot write task %s" % task.id):
@@ -362,20 +402,10 @@ class Store:
             except FileNotFoundError:
                 pass
 
-    @contextlib.contextmanager
-    def _locked(self, task_id: str, wait: Optional[float] = None) -> Iterator[None]:
-        fd = self._open_lock(task_id)
-        try:
-            wait = self.lock_wait if wait is None else wait
-            if not _flock(fd, wait):
-                raise TaskBusy(task_id, "its lock has been held by another process for %gs; retry" % wait)
-            if os.fstat(fd).st_nlink == 0:  # destroyed while we waited
-                raise TaskDoesNotExist(task_id)
-            yield
-        finally:
-            os.close(fd)
+    def _locked(self, task_id: str, wait: float | None = None) -> _Locked:
+        return _Locked(self, task_id, self.lock_wait if wait is None else wait)
 
-    def create(self, debug_info: str, operation: Optional[Dict[str, Any]] = None) -> Task:
+    def create(self, debug_info: str, operation: dict[str, Any] | None = None) -> Task:
         """Create a Pending(0.0) task and return it (the API for workers and
         tests). ``operation`` is stored as given, e.g. ``{"kind": "CopyV1",
         "args": {...}}``."""
@@ -397,7 +427,7 @@ class Store:
             os.close(fd)
         return task
 
-    def transition(self, task_id: str, decide: Callable[[Task], Optional[State]], wait: Optional[float] = None) -> Task:
+    def transition(self, task_id: str, decide: Callable[[Task], State | None], wait: float | None = None) -> Task:
         """The one function that changes a task's state.
 
         Under the task's lock, ``decide(task)`` returns the new state, or
@@ -420,7 +450,7 @@ class Store:
             self.finished(task)
         return task
 
-    def annotate(self, task_id: str, mutate: Callable[[Task], object], wait: Optional[float] = None) -> Task:
+    def annotate(self, task_id: str, mutate: Callable[[Task], object], wait: float | None = None) -> Task:
         """Change a task's private fields under its lock: ``mutate(task)``
         edits them in place. Changing the state here is refused."""
         with self._locked(task_id, wait):
@@ -432,7 +462,7 @@ class Store:
             self._write(task)
         return task
 
-    def destroy(self, task_id: str, wait: Optional[float] = None, durable: bool = True) -> None:
+    def destroy(self, task_id: str, wait: float | None = None, durable: bool = True) -> None:
         """Remove every file of a finished (or unreadable) task.
 
         Raises TaskInProgress for a Pending task, TaskDoesNotExist for an
@@ -491,7 +521,7 @@ class Store:
             raise
         return fd
 
-    def mark(self, task_id: str) -> Optional[Tuple[int, int]]:
+    def mark(self, task_id: str) -> tuple[int, int] | None:
         """``(device, inode)`` of the task's mark, or None if it has none
         (finished, or damaged): what a live worker must hold open."""
         try:
@@ -534,12 +564,12 @@ class Store:
         except (OSError, PluginError):
             pass  # not there, or not empty
 
-    def ended_before(self, bucket: int, limit: int) -> List[Tuple[int, str]]:
+    def ended_before(self, bucket: int, limit: int) -> list[tuple[int, str]]:
         """Up to ``limit`` ``(bucket, id)`` entries of tasks that ended in
         buckets before ``bucket``, oldest buckets first. Reads the bucket
         names and only as many entries as it returns."""
         ended = self.dir_fd("ended")
-        found: List[Tuple[int, str]] = []
+        found: list[tuple[int, str]] = []
         for b in sorted(int(n) for n in os.listdir(ended) if n.isdigit() and int(n) < bucket):
             try:
                 fd = os.open(str(b), _O_DIR, dir_fd=ended)
@@ -591,7 +621,7 @@ class Store:
                 data = os.read(fd, MAX_TASK_FILE + 1)
             finally:
                 os.close(fd)
-            updated = json.loads(data.decode("utf-8"))["updated"]
+            updated = jsontext.loads(data.decode("utf-8"))["updated"]  # type: ignore[index]
             self.unindex(_bucket(float(updated)), task_id)
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable: a sweep drops the entry once it is due

@@ -75,12 +75,21 @@ def loads(text: str) -> object:
     RecursionError for absurd nesting."""
     start = len(text) - len(text.lstrip(_SPACE))
     try:
-        value, end = _scan(text, start)
+        try:
+            value, end = _scan(text, start)
+        except SystemError:
+            # Before Python 3.12, _json raises its errors inside a value
+            # (``{"a": }``) as json.decoder.JSONDecodeError only when that
+            # module is already imported, and else fails with SystemError.
+            # The error path alone pays for importing it, then scans again.
+            import json.decoder  # noqa: F401
+
+            value, end = _scan(text, start)
     except StopIteration as e:
         raise JsonError("expecting a value at character %d" % e.value) from None
     except JsonError:
         raise
-    except ValueError as e:  # json.decoder.JSONDecodeError, imported by _json on error only
+    except ValueError as e:  # json.decoder.JSONDecodeError
         raise JsonError(str(e)) from None
     if text[end:].strip(_SPACE):
         raise JsonError("extra data at character %d" % end)
