@@ -277,6 +277,7 @@ async def _follow(ctx: Any, path: str, job: str, target: Dict[str, Any], remote:
             "copy-mode": "write-blocking", "auto-dismiss": False})
         ctx.log("job %s started (sync=full, copy-mode=write-blocking)" % job)
         ready = cancelling = False
+        best = 0.0  # offset/len dips while guests write (len grows): progress never goes back
         while True:
             try:
                 await asyncio.wait_for(client.events.get(), POLL)
@@ -309,7 +310,8 @@ async def _follow(ctx: Any, path: str, job: str, target: Dict[str, Any], remote:
                 ctx.store.annotate(ctx.task_id, lambda t: t.operation.__setitem__("ready", True))
                 ctx.log("job %s ready: the existing data is synchronised; new writes keep being mirrored" % job)
             elif not ready and total:
-                ctx.progress(min(done / total, 0.99))
+                best = max(best, min(done / total, 0.99))
+                ctx.progress(best)
     except DaemonFailed as e:
         raise MirrorFailed("mirror to %s failed: %s" % (remote, ": ".join(e.details))) from None
     finally:
