@@ -366,3 +366,54 @@ def test_callers_killed_at_random_points_leave_nothing_untracked(state_dir, volu
     for task_id in run_bin("Task.ls", {"dbg": "t"}).json:
         wait_for(lambda t=task_id: run_bin("Task.stat", {"dbg": "t", "id": t}).json["state"][0] != "Pending", timeout=60,
                  what="task %s to end" % task_id)
+
+
+def gone(res):
+    return res.returncode == 1 and res.error_name == "Task_does_not_exist"
+
+
+def volume_record(volumes):
+    (path,) = [p for p in volumes.glob("*.json")]
+    return json.loads(path.read_text())
+
+
+def test_finished_mirrors_go_with_retention_and_leave_nothing_that_breaks_later_calls(
+        state_dir, volumes, tmp_path, uri, servers, monkeypatch):
+    # Nobody destroys mirror tasks on the toolstack's path: retention does.
+    attach_guest(uri)
+    _, remote = qemu_nbd_target(servers, tmp_path)
+    drained = start_mirror(uri, remote)
+    wait_for(lambda: data_stat(drained)["complete"], what="the first mirror to synchronise")
+    assert dp("deactivate", uri, GUEST).stdout == b"null\n"
+    assert task_state(drained)[0] == "Completed"
+    assert volume_record(volumes)["mirror"] is None  # the drain forgot it
+    assert dp("activate", uri, GUEST).stdout == b"null\n"
+    # A mirror that fails while the volume stays active.
+    server, slow = slow_target(servers, tmp_path)
+    broken = start_mirror(uri, slow)
+    assert volume_record(volumes)["mirror"]["task"] == broken[1]
+    server.kill()
+    wait_for(lambda: task_state(broken)[0] == "Failed", what="the mirror to fail")
+    # Retention short from now on: every later call sees both tasks expired.
+    monkeypatch.setenv("TASK_RETENTION", "0.5")
+    tasks = state_dir / "tasks"
+    for op in (drained, broken):
+        wait_for(lambda op=op: gone(run_bin("Data.stat", {"dbg": "t", "operation": op})),
+                 what="retention to destroy task %s" % op[1])
+        assert not any(p.name.startswith(op[1]) for p in tasks.iterdir())
+        assert run_bin("Task.stat", {"dbg": "t", "id": op[1]}).error_name == "Task_does_not_exist"
+    assert run_bin("Data.ls", {"dbg": "t"}).json == []
+    # The record named the destroyed task: the next call on the volume forgets it...
+    assert dp("activate", uri, GUEST).stdout == b"null\n"
+    assert volume_record(volumes)["mirror"] is None
+    assert run_bin("Plugin.diagnostics", {"dbg": "t"}).returncode == 0
+    # ... and the volume mirrors, drains and detaches as if nothing happened.
+    (tmp_path / "again").mkdir()
+    _, again = qemu_nbd_target(servers, tmp_path / "again")
+    op = start_mirror(uri, again)
+    assert op not in (drained, broken)
+    wait_for(lambda: data_stat(op)["complete"], what="the new mirror to synchronise")
+    assert dp("deactivate", uri, GUEST).stdout == b"null\n"
+    assert task_state(op)[0] == "Completed"
+    assert dp("detach", uri, GUEST).stdout == b"null\n"
+    assert os.listdir(volumes) == []

@@ -122,6 +122,7 @@ class _Locked:
             self.store.close()
             raise
         _apply_queue(self.vols, self.key)
+        _forget_ended_mirror(self.vols, self.key)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -163,6 +164,20 @@ def _apply_queue(vols: Volumes, key: str) -> None:
             _detach_locked(vols, key, queued["domain"])
             _log(vols.store, "finished the queued detach of domain %s from volume %s", queued["domain"], key)
         vols.unlink(name)
+
+
+def _forget_ended_mirror(vols: Volumes, key: str) -> None:
+    """Drop the record's mirror once its task has ended (or is gone): a
+    mirror that failed while its volume stays active is otherwise named by
+    the record until the next deactivate, long after retention destroyed
+    its task (under the volume's lock)."""
+    from xapi_storage_tasks.data import mirror as mirrors
+
+    record = vols.load(key)
+    if record is None or record.mirror is None or mirrors.running_task(vols.store, record.mirror) is not None:
+        return
+    _drop_mirror(vols, record, qsd.load(vols, key))
+    vols.save(record)
 
 
 def _finish_queued(path: str, key: str) -> None:
