@@ -302,7 +302,7 @@ def test_a_killed_mirror_worker_fails_the_task_and_its_job_is_ended(state_dir, v
     assert qmp_jobs(volumes)  # nobody ended it yet
     assert dp("deactivate", uri, GUEST).stdout == b"null\n"
     assert qmp_jobs(volumes) == []  # the deactivate did
-    assert "whose worker was lost" in (state_dir / "logs" / "store.log").read_text()
+    assert "which its worker did not end" in (state_dir / "logs" / "store.log").read_text()
     assert dp("detach", uri, GUEST).stdout == b"null\n"
 
 
@@ -415,5 +415,25 @@ def test_finished_mirrors_go_with_retention_and_leave_nothing_that_breaks_later_
     wait_for(lambda: data_stat(op)["complete"], what="the new mirror to synchronise")
     assert dp("deactivate", uri, GUEST).stdout == b"null\n"
     assert task_state(op)[0] == "Completed"
+    assert dp("detach", uri, GUEST).stdout == b"null\n"
+    assert os.listdir(volumes) == []
+
+
+def test_a_stalled_target_fails_the_mirror_instead_of_leaving_the_toolstack_polling(
+        state_dir, volumes, tmp_path, uri, servers, monkeypatch):
+    attach_guest(uri)
+    server, remote = slow_target(servers, tmp_path)
+    monkeypatch.setenv("TASK_MIRROR_STALL_TIMEOUT", "1")
+    op = start_mirror(uri, remote)
+    wait_for(lambda: data_stat(op).get("progress", 0) > 0, what="progress")
+    os.kill(server.pid, signal.SIGSTOP)  # frozen: QEMU's NBD client waits for it forever
+    try:
+        wait_for(lambda: data_stat(op)["failed"], what="Data.stat to say failed")
+        assert data_stat(op) == {"failed": True, "complete": False}
+        state = task_state(op)
+        assert state[0] == "Failed" and "copied nothing for 1s" in state[1]
+    finally:
+        server.kill()  # its in-flight requests fail: the job, if still there, can end
+    assert dp("deactivate", uri, GUEST).stdout == b"null\n"
     assert dp("detach", uri, GUEST).stdout == b"null\n"
     assert os.listdir(volumes) == []
