@@ -334,8 +334,9 @@ def _result_ok(method, value):
     if kind == "string":
         return isinstance(value, str)
     if kind == "status":
-        return (isinstance(value, dict) and set(value) == {"failed", "complete", "progress"}
-                and type(value["failed"]) is bool and type(value["complete"]) is bool and type(value["progress"]) is float)
+        return (isinstance(value, dict) and {"failed", "complete"} <= set(value) <= {"failed", "complete", "progress"}
+                and type(value["failed"]) is bool and type(value["complete"]) is bool
+                and (type(value.get("progress")) is float or ("progress" not in value and value["failed"])))
     return False
 
 

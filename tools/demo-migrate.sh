@@ -26,7 +26,7 @@ trap cleanup EXIT INT TERM
 export TASK_STATE_DIR="$work/state" TASK_SYSLOG=0
 call() { "$PYTHON" "$top/bin/$1" --json; }
 field() { "$PYTHON" -c 'import json,sys; v=json.load(sys.stdin)
-for k in sys.argv[1:]: v=v[int(k) if isinstance(v, list) else k]
+for k in sys.argv[1:]: v=v[int(k)] if isinstance(v, list) else v.get(k)  # a failed status has no progress
 print(v)' "$@"; }
 now() { "$PYTHON" -c 'import time; print(time.monotonic())'; }
 size=$((512 * 1024 * 1024))

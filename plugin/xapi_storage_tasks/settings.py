@@ -40,6 +40,10 @@ DATAPATH_LOCK_WAIT = "TASK_DATAPATH_LOCK_WAIT"
 
 MIRROR_DRAIN_TIMEOUT = "TASK_MIRROR_DRAIN_TIMEOUT"
 """Seconds ``Datapath.deactivate`` may spend draining a mirror (default 10)."""
+MIRROR_STALL_TIMEOUT = "TASK_MIRROR_STALL_TIMEOUT"
+"""Seconds a mirror may go without copying anything before it is
+synchronised (a frozen target) before it fails (default 60; the toolstack
+polls ``Data.stat`` with no time limit)."""
 
 QEMU_STORAGE_DAEMON = "TASK_QEMU_STORAGE_DAEMON"
 """The qemu-storage-daemon executable (default: found on PATH)."""

@@ -15,10 +15,20 @@ daemon's own QMP socket:
    file, and ``ready`` (existing data synchronised) is recorded in the
    task's operation, which is all ``Data.stat`` reads;
 4. when the job concludes: dismisses it and deletes the target node
-   (closing it flushes the target). Concluded without error after
-   ``ready`` is a drained mirror: Completed. With an error: Failed with
-   QEMU's message. A cancel (SIGTERM from ``Task.cancel``/``Data.cancel``)
-   force-cancels the job: Failed ``Cancelled``; the volume keeps serving.
+   (closing it flushes the target), and notes ``job_ended`` in the task's
+   operation. Concluded without error after ``ready`` is a drained mirror:
+   Completed. With an error: Failed with QEMU's message. A cancel (SIGTERM
+   from ``Task.cancel``/``Data.cancel``) force-cancels the job: Failed
+   ``Cancelled``; the volume keeps serving. A mirror that copies nothing
+   for ``TASK_MIRROR_STALL_TIMEOUT`` seconds before it is synchronised (a
+   frozen target: QEMU's NBD client has no I/O timeout) fails, so the
+   toolstack, which polls ``Data.stat`` with no time limit, is told.
+
+A task that ended without ``job_ended`` (its worker killed, or a job that
+would not conclude) may have left its job in the daemon: the next call on
+the volume ends it (:func:`orphaned`, :func:`abort`).
+
+Every QMP command is bounded (:data:`xapi_storage_tasks.datapath.qmp.TIMEOUT`).
 
 The drain itself is asked for by ``Datapath.deactivate`` of the mirror's
 domain (:func:`drain`): ``block-job-cancel`` of the ready job on the
@@ -38,6 +48,8 @@ KIND = "MirrorV1"
 FUNC = "xapi_storage_tasks.data.mirror:run"
 POLL = 0.2
 DEFAULT_DRAIN_TIMEOUT = 10.0
+DEFAULT_STALL_TIMEOUT = 60.0
+STALL_END = 2.0  # seconds a stalled mirror's worker waits for its job to end
 
 
 def running_task(store: Store, mirror: Optional[Dict[str, str]]) -> Optional[Task]:
@@ -54,15 +66,14 @@ def running_task(store: Store, mirror: Optional[Dict[str, str]]) -> Optional[Tas
 
 
 def orphaned(store: Store, mirror: Dict[str, str]) -> bool:
-    """The mirror's task ended without its worker (killed): its job may
-    still run in the daemon, and nobody else will end it."""
-    from xapi_storage_tasks.tasks.state import Failed
-
+    """The mirror's task ended (or is gone) without its worker having
+    ended its job (the worker was killed, or the job would not conclude):
+    the job may still run in the daemon, and nobody else will end it."""
     try:
         task = store.get(mirror["task"])
     except PluginError:
         return True
-    return isinstance(task.state, Failed) and task.state.message.startswith("Worker lost")
+    return task.state.terminal and not (task.operation or {}).get("job_ended")
 
 
 # -- Data.mirror: in the calling process ----------------------------------------
@@ -149,6 +160,14 @@ def refuse_copy(uri: str, remote: str) -> None:
 # -- Datapath.deactivate: the drain -------------------------------------------------
 
 
+def stall_timeout() -> float:
+    """Seconds a mirror may copy nothing before it is synchronised
+    (``TASK_MIRROR_STALL_TIMEOUT``)."""
+    from xapi_storage_tasks import settings
+
+    return settings.seconds(settings.MIRROR_STALL_TIMEOUT, DEFAULT_STALL_TIMEOUT)
+
+
 def drain_timeout() -> float:
     """Seconds a drain may take (``TASK_MIRROR_DRAIN_TIMEOUT``)."""
     from xapi_storage_tasks import settings
@@ -216,35 +235,39 @@ def abort(ctl: str, mirror: Dict[str, str], timeout: float = 5.0) -> None:
 
 
 async def _abort(ctl: str, mirror: Dict[str, str], timeout: float) -> None:
-    import asyncio
-
     from xapi_storage_tasks.datapath import qmp
 
     client = await qmp.connect(ctl, "abort", timeout)
     try:
-        deadline = time.monotonic() + timeout
-        job = mirror["job"]
-        try:
-            await qmp.execute(client, "block-job-cancel", {"device": job, "force": True}, timeout)
-        except DaemonFailed:
-            pass  # no such job any more, or already cancelled
-        while True:
-            state = next((j for j in await qmp.execute(client, "query-jobs", None, timeout) if j.get("id") == job), None)
-            if state is None or state["status"] == "concluded":
-                break
-            if time.monotonic() >= deadline:
-                raise asyncio.TimeoutError("job %s did not conclude within %.0fs" % (job, timeout))
-            await asyncio.sleep(0.01)
-        for name, args in (("job-dismiss", {"id": job}), ("blockdev-del", {"node-name": mirror["node"]})):
-            try:
-                await qmp.execute(client, name, args, timeout)
-            except DaemonFailed:
-                pass  # already gone
+        await _end_job(client, mirror["job"], mirror["node"], timeout)
     finally:
+        await qmp.close(client)
+
+
+async def _end_job(client: Any, job: str, node: str, timeout: float) -> None:
+    """Force-cancel ``job``, wait (at most ``timeout`` seconds) for it to
+    conclude, dismiss it and delete its target ``node``."""
+    import asyncio
+
+    from xapi_storage_tasks.datapath import qmp
+
+    deadline = time.monotonic() + timeout
+    try:
+        await qmp.execute(client, "block-job-cancel", {"device": job, "force": True}, timeout)
+    except DaemonFailed:
+        pass  # no such job any more, or already cancelled
+    while True:
+        state = next((j for j in await qmp.execute(client, "query-jobs", None, timeout) if j.get("id") == job), None)
+        if state is None or state["status"] == "concluded":
+            break
+        if time.monotonic() >= deadline:
+            raise asyncio.TimeoutError("job %s did not conclude within %.0fs" % (job, timeout))
+        await asyncio.sleep(0.01)
+    for name, args in (("job-dismiss", {"id": job}), ("blockdev-del", {"node-name": node})):
         try:
-            await client.disconnect()
-        except Exception:  # noqa: BLE001 - the session is gone either way
-            pass
+            await qmp.execute(client, name, args, timeout)
+        except DaemonFailed:
+            pass  # already gone
 
 
 # -- the worker -------------------------------------------------------------------
@@ -277,6 +300,8 @@ async def _follow(ctx: Any, path: str, job: str, target: Dict[str, Any], remote:
             "copy-mode": "write-blocking", "auto-dismiss": False})
         ctx.log("job %s started (sync=full, copy-mode=write-blocking)" % job)
         ready = cancelling = False
+        best = 0.0  # offset/len dips while guests write (len grows): progress never goes back
+        stall, last_done, moved = stall_timeout(), -1, time.monotonic()
         while True:
             try:
                 await asyncio.wait_for(client.events.get(), POLL)
@@ -292,6 +317,7 @@ async def _follow(ctx: Any, path: str, job: str, target: Dict[str, Any], remote:
             if state["status"] == "concluded":
                 await qmp.execute(client, "job-dismiss", {"id": job})
                 await qmp.execute(client, "blockdev-del", {"node-name": target["node-name"]})
+                _job_ended(ctx)
                 error = state.get("error")
                 if cancelling:
                     ctx.log("job %s cancelled" % job)
@@ -309,11 +335,33 @@ async def _follow(ctx: Any, path: str, job: str, target: Dict[str, Any], remote:
                 ctx.store.annotate(ctx.task_id, lambda t: t.operation.__setitem__("ready", True))
                 ctx.log("job %s ready: the existing data is synchronised; new writes keep being mirrored" % job)
             elif not ready and total:
-                ctx.progress(min(done / total, 0.99))
+                best = max(best, min(done / total, 0.99))
+                ctx.progress(best)
+            if not ready and not cancelling:
+                if done != last_done:
+                    last_done, moved = done, time.monotonic()
+                elif time.monotonic() - moved >= stall:
+                    why = "mirror to %s copied nothing for %.0fs: the target stalled" % (remote, stall)
+                    ctx.log(why + "; ending job %s" % job)
+                    try:
+                        # Briefly: a job with requests in flight to a frozen target does
+                        # not conclude; the next call on the volume ends it (no job_ended).
+                        await _end_job(client, job, target["node-name"], STALL_END)
+                        _job_ended(ctx)
+                    except (DaemonFailed, asyncio.TimeoutError) as e:
+                        ctx.log("job %s not ended (%s): the next call on the volume ends it" % (job, e))
+                    raise MirrorFailed(why)
     except DaemonFailed as e:
         raise MirrorFailed("mirror to %s failed: %s" % (remote, ": ".join(e.details))) from None
     finally:
-        try:
-            await client.disconnect()
-        except Exception:  # noqa: BLE001 - the session is gone either way
-            pass
+        await qmp.close(client)
+
+
+def _job_ended(ctx: Any) -> None:
+    """Note in the task that its job is gone from the daemon (nothing is
+    left for :func:`abort` to end). Not recorded (lock busy, a full
+    disk), the next call on the volume merely ends the job again."""
+    try:
+        ctx.store.annotate(ctx.task_id, lambda t: t.operation.__setitem__("job_ended", True))
+    except PluginError:
+        pass

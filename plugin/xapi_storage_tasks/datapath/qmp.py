@@ -33,15 +33,21 @@ async def execute(client: QMPClient, name: str, args: Optional[Dict[str, Any]] =
         raise DaemonFailed("QMP %s failed: %s" % (name, _text(e))) from None
 
 
+async def close(client: QMPClient, timeout: float = TIMEOUT) -> None:
+    """End the session, bounded (a frozen daemon that reads nothing could
+    keep the library flushing its last bytes forever); never raises."""
+    try:
+        await asyncio.wait_for(client.disconnect(), timeout)
+    except Exception:  # noqa: BLE001 - the session is gone either way
+        pass
+
+
 async def _run(path: str, commands: Sequence[Command], timeout: float) -> List[Any]:
     client = await connect(path, "xapi-storage-tasks", timeout)
     try:
         return [await execute(client, name, args, timeout) for name, args in commands]
     finally:
-        try:
-            await client.disconnect()
-        except (QMPError, OSError, EOFError):
-            pass  # the daemon already closed the session
+        await close(client, timeout)
 
 
 def run(path: str, commands: Sequence[Command], timeout: float = TIMEOUT) -> List[Any]:

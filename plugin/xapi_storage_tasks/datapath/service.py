@@ -122,6 +122,7 @@ class _Locked:
             self.store.close()
             raise
         _apply_queue(self.vols, self.key)
+        _forget_ended_mirror(self.vols, self.key)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -153,8 +154,11 @@ class _Locked:
 
 
 def _apply_queue(vols: Volumes, key: str) -> None:
-    """Finish the detaches queued for the volume (under its lock)."""
-    for name in vols.queued_detaches(key):
+    """Finish the detaches queued for the volume (under its lock). The
+    volume's lock file goes with the last one if nothing else is left
+    (:func:`_detach_locked` keeps it while a queue entry exists)."""
+    names = vols.queued_detaches(key)
+    for name in names:
         try:
             queued = vols.read_json(name)
         except PluginError:
@@ -163,6 +167,22 @@ def _apply_queue(vols: Volumes, key: str) -> None:
             _detach_locked(vols, key, queued["domain"])
             _log(vols.store, "finished the queued detach of domain %s from volume %s", queued["domain"], key)
         vols.unlink(name)
+    if names and not vols.queued_detaches(key) and vols.load(key) is None and qsd.load(vols, key) is None:
+        vols.release(key)
+
+
+def _forget_ended_mirror(vols: Volumes, key: str) -> None:
+    """Drop the record's mirror once its task has ended (or is gone): a
+    mirror that failed while its volume stays active is otherwise named by
+    the record until the next deactivate, long after retention destroyed
+    its task (under the volume's lock)."""
+    from xapi_storage_tasks.data import mirror as mirrors
+
+    record = vols.load(key)
+    if record is None or record.mirror is None or mirrors.running_task(vols.store, record.mirror) is not None:
+        return
+    _drop_mirror(vols, record, qsd.load(vols, key))
+    vols.save(record)
 
 
 def _finish_queued(path: str, key: str) -> None:
@@ -350,11 +370,12 @@ def _detach_locked(vols: Volumes, key: str, domain: str) -> bool:
 
 def _drop_mirror(vols: Volumes, record: Record, daemon: Optional[Dict[str, Any]]) -> None:
     """Forget a volume's finished mirror. One whose worker was lost may
-    have left its job running in the daemon: that job is ended first."""
+    have left its job running in the daemon (see mirror.orphaned): that
+    job is ended first."""
     from xapi_storage_tasks.data import mirror as mirrors
 
     if record.mirror is not None and daemon is not None and qsd.alive(daemon) and mirrors.orphaned(vols.store, record.mirror):
-        _log(vols.store, "ending the job of mirror task %s, whose worker was lost", record.mirror["task"])
+        _log(vols.store, "ending the job of mirror task %s, which its worker did not end", record.mirror["task"])
         mirrors.abort(daemon["ctl"], record.mirror)
     record.mirror = None
 

@@ -87,13 +87,16 @@ def encode_status(state: object) -> dict[str, object]:
 
     ``complete`` is true only for Completed and ``failed`` only for Failed,
     so a failed task never claims ``complete`` (the toolstack checks it
-    first). ``progress`` is always a float: 1.0 once Completed.
+    first). ``progress`` is a float while Pending (1.0 once Completed) and
+    is left out of a Failed task's status (the interface's option: the key
+    omitted, never null): a failed operation has no progress to report,
+    and answering 0.0 would make its progress go back.
     """
     if isinstance(state, Pending):
         return {"failed": False, "complete": False, "progress": float(state.progress)}
     if isinstance(state, Completed):
         return {"failed": False, "complete": True, "progress": 1.0}
-    return {"failed": True, "complete": False, "progress": 0.0}
+    return {"failed": True, "complete": False}
 
 
 # -- request parameters --------------------------------------------------------
