@@ -128,7 +128,7 @@ class Context:
         self._progress = max(self._progress, fraction)
         with self.critical():
             try:
-                self.store.transition(self.task_id, lambda t: Pending(fraction), wait=0)
+                self.store.transition(self.task_id, lambda t: Pending(self._progress), wait=0)
             except (TransitionRefused, TaskDoesNotExist):
                 raise TaskGone() from None
             except (InternalError, TaskBusy) as e:
