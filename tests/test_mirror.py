@@ -423,7 +423,7 @@ def test_a_stalled_target_fails_the_mirror_instead_of_leaving_the_toolstack_poll
         state_dir, volumes, tmp_path, uri, servers, monkeypatch):
     attach_guest(uri)
     server, remote = slow_target(servers, tmp_path)
-    monkeypatch.setenv("TASK_MIRROR_STALL_TIMEOUT", "1")
+    monkeypatch.setenv("TASK_MIRROR_STALL_TIMEOUT", "5")
     op = start_mirror(uri, remote)
     wait_for(lambda: data_stat(op).get("progress", 0) > 0, what="progress")
     os.kill(server.pid, signal.SIGSTOP)  # frozen: QEMU's NBD client waits for it forever
@@ -431,7 +431,7 @@ def test_a_stalled_target_fails_the_mirror_instead_of_leaving_the_toolstack_poll
         wait_for(lambda: data_stat(op)["failed"], what="Data.stat to say failed")
         assert data_stat(op) == {"failed": True, "complete": False}
         state = task_state(op)
-        assert state[0] == "Failed" and "copied nothing for 1s" in state[1]
+        assert state[0] == "Failed" and "copied nothing for 5s" in state[1]
     finally:
         server.kill()  # its in-flight requests fail: the job, if still there, can end
     assert dp("deactivate", uri, GUEST).stdout == b"null\n"

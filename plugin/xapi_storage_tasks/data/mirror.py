@@ -38,7 +38,7 @@ control socket, then wait, bounded, for the worker to finish.
 import time
 from typing import Any, Dict, Optional
 
-from xapi_storage_tasks.datapath.errors import DaemonFailed, MirrorFailed, NotAttached, VolumeInUse
+from xapi_storage_tasks.wire.errors import DaemonFailed, MirrorFailed, NotAttached, VolumeInUse
 from xapi_storage_tasks.tasks.record import Task
 from xapi_storage_tasks.tasks.state import Completed
 from xapi_storage_tasks.tasks.store import Store

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from qemu.qmp import QMPClient, QMPError
 
-from xapi_storage_tasks.datapath.errors import DaemonFailed
+from xapi_storage_tasks.wire.errors import DaemonFailed
 
 TIMEOUT = 10.0
 

@@ -14,7 +14,7 @@ start time and process group): whatever instant the calling process is
 killed at, a running daemon is recorded. Signals go only to the recorded
 identity, verified first (:mod:`xapi_storage_tasks.process.identity`). A
 record whose process is gone is a daemon that died: the next call reports
-it (:class:`~xapi_storage_tasks.datapath.errors.DaemonLost`).
+it (:class:`~xapi_storage_tasks.wire.errors.DaemonLost`).
 """
 
 import json
@@ -26,7 +26,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from xapi_storage_tasks import settings
-from xapi_storage_tasks.datapath.errors import DaemonFailed, DaemonLost
+from xapi_storage_tasks.wire.errors import DaemonFailed, DaemonLost
 from xapi_storage_tasks.datapath.volume import Record, Volumes
 from xapi_storage_tasks.process import identity
 from xapi_storage_tasks.process.spawn import spawn

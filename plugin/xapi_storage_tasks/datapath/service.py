@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional
 
 import xapi_storage_tasks
 from xapi_storage_tasks.datapath import qsd, schemes
-from xapi_storage_tasks.datapath.errors import NotAttached, VolumeBusy, VolumeInUse
+from xapi_storage_tasks.wire.errors import NotAttached, VolumeBusy, VolumeInUse
 from xapi_storage_tasks.datapath.volume import Record, Volumes, check_domain, key_of
 from xapi_storage_tasks.tasks import log
 from xapi_storage_tasks.tasks.store import Store
@@ -279,7 +279,7 @@ def deactivate(dbg: str, uri: str, domain: str) -> None:
                 raise error
             _flush(daemon)
         if problem:
-            from xapi_storage_tasks.datapath.errors import MirrorFailed
+            from xapi_storage_tasks.wire.errors import MirrorFailed
 
             raise MirrorFailed(problem)
 

@@ -33,9 +33,9 @@ import time
 from typing import Any, Dict, Iterator, List, Optional
 
 from xapi_storage_tasks import settings
-from xapi_storage_tasks.datapath.errors import VolumeBusy
+from xapi_storage_tasks.wire.errors import VolumeBusy
 from xapi_storage_tasks.datapath.schemes import Volume
-from xapi_storage_tasks.tasks.store import Store
+from xapi_storage_tasks.tasks.store import Store, replace_file
 from xapi_storage_tasks.wire.errors import InternalError, InvalidArguments
 
 VERSION = 1
@@ -45,7 +45,6 @@ MAX_RECORD = 1 << 20
 MAX_DOMAIN = 256
 STATES = ("attached", "rw", "ro")
 
-_O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
@@ -175,15 +174,7 @@ class Volumes:
         data = json.dumps(obj, separators=(",", ":")).encode()
         tmp = "%s.tmp-%s" % (name, os.urandom(4).hex())
         try:
-            fd = os.open(tmp, _O_NEW, 0o600, dir_fd=self.fd)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            replace_file(data, tmp, self.fd, name, self.fd)
             os.fsync(self.fd)
         except OSError as e:
             self.unlink(tmp)

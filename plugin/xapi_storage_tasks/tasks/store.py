@@ -238,6 +238,22 @@ class _Locked:
         os.close(self.fd)
 
 
+def replace_file(data: bytes, tmp: str, tmp_dir: int, name: str, dir_fd: int) -> None:
+    """Write ``data`` to the new file ``tmp`` (in directory ``tmp_dir``),
+    fsync it and rename it over ``name`` (in ``dir_fd``): readers see the
+    old file or the new one, whole, never a part. The caller fsyncs the
+    directory to make the rename durable, and removes ``tmp`` on failure."""
+    fd = os.open(tmp, _O_NEW, 0o600, dir_fd=tmp_dir)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, name, src_dir_fd=tmp_dir, dst_dir_fd=dir_fd)
+
+
 class Store:
     """A state directory. Cheap to open: one directory per method call."""
 
@@ -350,15 +366,7 @@ class Store:
         tmp = "%s.%s" % (task.id, os.urandom(4).hex())
         try:
             with _io("cannot write task %s" % task.id):
-                fd = os.open(tmp, _O_NEW, 0o600, dir_fd=tmp_d)
-                try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view):]
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.rename(tmp, task.id + ".json", src_dir_fd=tmp_d, dst_dir_fd=d)
+                replace_file(data, tmp, tmp_d, task.id + ".json", d)
         except BaseException:
             _unlink(tmp, tmp_d)
             raise
