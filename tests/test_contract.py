@@ -80,10 +80,13 @@ def test_the_executable_serves_the_registered_params(name, state_dir):
     with a message naming it: the executable decodes by this record."""
     method = registry.METHODS[name]
     required = [p for p, kind in method.params if not kind.endswith("?")]
-    res = run_bin(name, {})
-    assert res.error_name in ("Invalid_arguments", "Unimplemented")
-    if res.error_name == "Invalid_arguments":
-        assert "missing parameter %r" % required[0] in res.json["params"][1]
+    for missing in required:
+        # Every other parameter present (well-typed or not: the missing one
+        # is reported first, by the record's order).
+        params = {p: "x" for p in required if p != missing}
+        res = run_bin(name, params)
+        assert res.error_name == "Invalid_arguments", (name, missing, res.json)
+        assert "missing parameter %r" % missing in res.json["params"][1], (name, missing, res.json)
 
 
 # ---------------------------------------------------------------------------

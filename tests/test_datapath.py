@@ -236,12 +236,12 @@ def test_qcow2_volumes_are_served(state_dir, volumes, tmp_path):
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M"], check=True)
     uri = "qcow2+file://" + str(image)
     sock, export = nbd_address(dp("attach", uri, "9").json)
-    dp("activate", uri, "9")
+    assert dp("activate", uri, "9").stdout == b"null\n"
     with Client.connect("nbd+unix:///%s?socket=%s" % (export, sock)) as client:
         assert client.size == 8 << 20  # the virtual size, not the file's
         client.pwrite(b"q" * 65536, 65536)
-    dp("deactivate", uri, "9")
-    dp("detach", uri, "9")
+    assert dp("deactivate", uri, "9").stdout == b"null\n"
+    assert dp("detach", uri, "9").stdout == b"null\n"
     raw = tmp_path / "out.raw"
     subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(raw)], check=True)
     with open(raw, "rb") as f:

@@ -156,6 +156,7 @@ def test_live_migration_as_the_toolstack_does_it(state_dir, volumes, tmp_path, s
     # mirror_wait: Data.stat back to back, no sleep, until complete.
     polls, progress = 0, []
     while True:
+        assert time.monotonic() - began < 120, "the mirror neither completed nor failed"
         status = data_stat(op)
         polls += 1
         assert set(status) <= {"failed", "complete", "progress"} and type(status["failed"]) is bool
@@ -242,7 +243,11 @@ def test_a_drain_that_cannot_finish_fails_the_mirror_in_bounded_time(state_dir, 
     attach_guest(uri)
     _, remote = slow_target(servers, tmp_path)
     op = start_mirror(uri, remote)
+    began = time.monotonic()
     res = dp("deactivate", uri, GUEST, TASK_MIRROR_DRAIN_TIMEOUT="0.5")
+    # Bounded: the drain's 0.5 s plus ending the job, far below the 30 s a
+    # hang would take to hit run_bin's timeout (a bound, not a benchmark).
+    assert time.monotonic() - began < 20
     assert res.error_name == "Mirror_failed" and "did not drain within" in res.json["params"][1]
     state = task_state(op)
     assert state[0] == "Failed" and state[1].startswith("Mirror drain failed")

@@ -38,11 +38,10 @@ control socket, then wait, bounded, for the worker to finish.
 import time
 from typing import Any, Dict, Optional
 
-from xapi_storage_tasks.wire.errors import DaemonFailed, MirrorFailed, NotAttached, VolumeInUse
 from xapi_storage_tasks.tasks.record import Task
 from xapi_storage_tasks.tasks.state import Completed
 from xapi_storage_tasks.tasks.store import Store
-from xapi_storage_tasks.wire.errors import PluginError
+from xapi_storage_tasks.wire.errors import DaemonFailed, MirrorFailed, NotAttached, PluginError, VolumeInUse
 
 KIND = "MirrorV1"
 FUNC = "xapi_storage_tasks.data.mirror:run"
@@ -102,7 +101,7 @@ def start(dbg: str, uri: str, domain: str, remote: str) -> str:
             if not qsd.alive(daemon):
                 raise qsd.lost(vols, key, daemon)
             running = running_task(store, record.mirror)
-            if running is not None and record.mirror is not None:
+            if running is not None:
                 if running.operation and running.operation.get("args", {}).get("remote") == remote:
                     return running.id
                 raise VolumeInUse("volume %s is already being mirrored by task %s" % (uri, running.id))
@@ -152,7 +151,7 @@ def refuse_copy(uri: str, remote: str) -> None:
                 record = vols.load(key_of(path))
             except PluginError:
                 continue
-            if record is not None and running_task(store, record.mirror) is not None and record.mirror is not None:
+            if record is not None and record.mirror is not None and running_task(store, record.mirror) is not None:
                 raise VolumeInUse("volume %s is being mirrored by task %s: a copy could undo the mirror's writes; "
                                   "copy it once the mirror has ended" % (record.uri, record.mirror["task"]))
 
@@ -289,14 +288,14 @@ def run(ctx: Any, qmp: str, job: str, target: Dict[str, Any], remote: str, uri: 
 async def _follow(ctx: Any, path: str, job: str, target: Dict[str, Any], remote: str) -> None:
     import asyncio
 
-    from xapi_storage_tasks.datapath import qmp
+    from xapi_storage_tasks.datapath import qmp, qsd
 
     client = await qmp.connect(path, "mirror")
     try:
         await qmp.execute(client, "blockdev-add", target, timeout=30.0)
         ctx.log("target %s connected as node %s" % (remote, target["node-name"]))
         await qmp.execute(client, "blockdev-mirror", {
-            "job-id": job, "device": "vol", "target": target["node-name"], "sync": "full",
+            "job-id": job, "device": qsd.NODE, "target": target["node-name"], "sync": "full",
             "copy-mode": "write-blocking", "auto-dismiss": False})
         ctx.log("job %s started (sync=full, copy-mode=write-blocking)" % job)
         ready = cancelling = False

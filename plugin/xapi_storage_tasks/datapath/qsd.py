@@ -215,6 +215,8 @@ def stop(vols: Volumes, key: str, daemon: Dict[str, Any]) -> bool:
         # caller killed mid-attach never records it); signal_worker checks
         # it again through a pidfd before the signal.
         fd = mark_fd(ident["pid"], mark) if mark and isinstance(ident.get("pid"), int) else None
+        if fd is None:
+            return False  # nothing vouches for it: never signal, and do not wait for a stop never asked
         ident = dict(ident, fd=fd)
         identity.signal_worker(ident, signal.SIGTERM, mark)
         if not identity.wait_gone(ident, STOP_GRACE):

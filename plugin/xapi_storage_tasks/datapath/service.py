@@ -27,11 +27,10 @@ from typing import Any, Dict, List, Optional
 
 import xapi_storage_tasks
 from xapi_storage_tasks.datapath import qsd, schemes
-from xapi_storage_tasks.wire.errors import NotAttached, VolumeBusy, VolumeInUse
 from xapi_storage_tasks.datapath.volume import Record, Volumes, check_domain, key_of
 from xapi_storage_tasks.tasks import log
 from xapi_storage_tasks.tasks.store import Store
-from xapi_storage_tasks.wire.errors import InvalidArguments, PluginError
+from xapi_storage_tasks.wire.errors import InvalidArguments, NotAttached, PluginError, VolumeBusy, VolumeInUse
 
 NAME = "xapi-storage-tasks"
 FINISH_WAIT = 600.0  # how long a queued detach waits for a busy volume
@@ -135,7 +134,8 @@ class _Locked:
         """The volume's record, new if it has none; a record of the same
         image under another format is refused."""
         record = self.vols.load(self.key) or Record.new(self.vol)
-        if record.driver != self.vol.driver or record.path != self.vol.path:
+        # The key is the image's real path: another spelling of it is the same volume.
+        if record.driver != self.vol.driver or os.path.realpath(record.path) != os.path.realpath(self.vol.path):
             raise VolumeInUse("image %s is in use as %s" % (self.vol.path, record.uri))
         return record
 

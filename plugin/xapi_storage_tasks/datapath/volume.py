@@ -24,7 +24,6 @@ old record or the new one whatever instant a writer dies at.
 """
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
@@ -33,10 +32,9 @@ import time
 from typing import Any, Dict, Iterator, List, Optional
 
 from xapi_storage_tasks import settings
-from xapi_storage_tasks.wire.errors import VolumeBusy
 from xapi_storage_tasks.datapath.schemes import Volume
 from xapi_storage_tasks.tasks.store import Store, replace_file
-from xapi_storage_tasks.wire.errors import InternalError, InvalidArguments
+from xapi_storage_tasks.wire.errors import InternalError, InvalidArguments, VolumeBusy
 
 VERSION = 1
 DIR = "volumes"
@@ -187,8 +185,7 @@ class Volumes:
         except FileNotFoundError:
             pass
         except OSError as e:
-            if e.errno != errno.ENOENT:
-                raise InternalError("cannot remove %s in %s: %s" % (name, self.path, e.strerror)) from None
+            raise InternalError("cannot remove %s in %s: %s" % (name, self.path, e.strerror)) from None
 
     def load(self, key: str) -> Optional[Record]:
         """The volume's record, or None."""

@@ -31,10 +31,16 @@ if TYPE_CHECKING:  # typing stays out of every call
 _BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
 
+_boot_id: str | None = None
+
+
 def boot_id() -> str:
-    """This boot's id."""
-    with open(_BOOT_ID_PATH) as f:
-        return f.read().strip()
+    """This boot's id (read once per process: it cannot change under it)."""
+    global _boot_id
+    if _boot_id is None:
+        with open(_BOOT_ID_PATH) as f:
+            _boot_id = f.read().strip()
+    return _boot_id
 
 
 def _stat_fields(pid: int) -> list[bytes] | None:

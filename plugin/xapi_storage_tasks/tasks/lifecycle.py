@@ -23,7 +23,7 @@ from xapi_storage_tasks import settings
 from xapi_storage_tasks.process import identity
 from xapi_storage_tasks.tasks import log, retention
 from xapi_storage_tasks.tasks.state import CANCELLED, Failed
-from xapi_storage_tasks.wire.errors import InternalError, TaskBusy, TaskCorrupt, TaskDoesNotExist
+from xapi_storage_tasks.wire.errors import InternalError, PluginError, TaskBusy, TaskCorrupt, TaskDoesNotExist
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing stays out of every call
@@ -187,6 +187,14 @@ def request_cancel(store: Store, task_id: str) -> Task:
     first = store.request_cancel(task_id)
     if task.cancel is None:
         task.cancel = store.cancel_time(task_id)
+    if task.worker is None:
+        # The worker may have recorded itself since our read. The request is
+        # durable now: either this read sees the worker, or the worker's own
+        # read, after recording itself, sees the request.
+        try:
+            task.worker = store.get(task_id).worker
+        except PluginError:
+            return task
     if task.worker is None:
         log.task_event(store, task, "cancel requested before the worker started")
         return task  # the worker honours it as soon as it records itself

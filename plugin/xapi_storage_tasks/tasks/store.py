@@ -66,7 +66,7 @@ if TYPE_CHECKING:  # typing stays out of every call
 
     from xapi_storage_tasks.tasks.state import State
 
-MAX_TASK_FILE = 1 << 20
+MAX_TASK_FILE = settings.MAX_TASK_FILE
 TOMBSTONE = ".destroyed"
 ENDED_WIDTH = 60
 """Seconds of end times per ``ended/`` bucket."""
@@ -648,7 +648,9 @@ class Store:
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if not os.path.exists(os.path.join(self.path, "tasks", task_id + ".json")):
+            try:
+                os.stat(task_id + ".json", dir_fd=self.dir_fd("tasks"), follow_symlinks=False)
+            except FileNotFoundError:
                 _unlink(task_id, pending)
                 _unlink(task_id, locks)
         except BlockingIOError:
