@@ -219,8 +219,14 @@ def test_a_busy_volume_makes_callers_wait_boundedly_and_detach_is_queued(state_d
 @pytest.mark.parametrize("bad", ["file:///x.raw", "raw+file://host/x.raw", "raw+file://relative", "raw+file:///no/such.raw",
                                  "raw+file:///a/../b.raw"])
 def test_bad_uris_are_invalid_arguments(state_dir, bad):
-    for method in ("attach", "activate", "deactivate"):
+    for method in ("attach", "activate"):
         assert dp(method, bad, "7").error_name == "Invalid_arguments"
+    if bad == "raw+file:///no/such.raw":
+        # An image deleted while attached is still deactivated (its daemon holds
+        # it open); one never attached has nothing to deactivate.
+        assert dp("deactivate", bad, "7").stdout == b"null\n"
+    else:
+        assert dp("deactivate", bad, "7").error_name == "Invalid_arguments"
     assert dp("detach", bad, "7").stdout == b"null\n"  # never fails
 
 

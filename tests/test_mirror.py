@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(
 
 SIZE = 32 << 20
 GUEST = "7"
-DOM0 = "u0-mirror_abc"
+DOM0 = "u0_mirror_vbd_7_xvda"  # the dom0 mirror dp, as xapi names it
 WRITER = os.path.join(ROOT, "tools", "nbd-guest-writer.py")
 
 
@@ -250,7 +250,7 @@ def test_a_drain_that_cannot_finish_fails_the_mirror_in_bounded_time(state_dir, 
     assert time.monotonic() - began < 20
     assert res.error_name == "Mirror_failed" and "did not drain within" in res.json["params"][1]
     state = task_state(op)
-    assert state[0] == "Failed" and state[1].startswith("Mirror drain failed")
+    assert state[0] == "Failed" and "drain" in state[1]
     assert data_stat(op)["failed"] is True
     assert dp("deactivate", uri, GUEST).stdout == b"null\n"  # done already: idempotent
     assert dp("detach", uri, GUEST).stdout == b"null\n"
@@ -436,7 +436,7 @@ def test_a_stalled_target_fails_the_mirror_instead_of_leaving_the_toolstack_poll
         wait_for(lambda: data_stat(op)["failed"], what="Data.stat to say failed")
         assert data_stat(op) == {"failed": True, "complete": False}
         state = task_state(op)
-        assert state[0] == "Failed" and "copied nothing for 5s" in state[1]
+        assert state[0] == "Failed" and "completed nothing for 5s" in state[1]
     finally:
         server.kill()  # its in-flight requests fail: the job, if still there, can end
     assert dp("deactivate", uri, GUEST).stdout == b"null\n"

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 def copy(dbg: str, uri: str, domain: str, remote: str, blocklist: tuple[int, list[tuple[int, int]]] | None) -> tuple[str, str]:
     """Start copying ``uri`` (or the ranges of ``blocklist``) to ``remote``;
     returns ``("CopyV1", task id)`` at once."""
-    from xapi_storage_tasks.data import mirror
+    from xapi_storage_tasks.datapath import mirror
     from xapi_storage_tasks.data.copy import plan, run
     from xapi_storage_tasks.tasks import worker
 
@@ -35,10 +35,10 @@ def copy(dbg: str, uri: str, domain: str, remote: str, blocklist: tuple[int, lis
 
 def mirror(dbg: str, uri: str, domain: str, remote: str) -> tuple[str, str]:
     """Start mirroring the attached volume ``uri`` to ``remote``; returns
-    ``("MirrorV1", task id)`` at once (see :mod:`xapi_storage_tasks.data.mirror`)."""
-    from xapi_storage_tasks.data.mirror import start
+    ``("MirrorV1", task id)`` at once (see :mod:`xapi_storage_tasks.datapath.mirror`)."""
+    from xapi_storage_tasks.datapath import service
 
-    return "MirrorV1", start(dbg, uri, domain, remote)
+    return "MirrorV1", service.mirror(dbg, uri, domain, remote)
 
 
 def _check_kind(store: Store, operation: tuple[str, str]) -> str:

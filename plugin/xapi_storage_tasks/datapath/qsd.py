@@ -53,16 +53,19 @@ def _opt(value: str) -> str:
     return value.replace(",", ",,")
 
 
+def check_socket_path(path: str) -> str:
+    """``path``, checked to fit a Unix socket address and the Nbd
+    implementation's ``nbd:unix:<socket>:exportname=`` form."""
+    if ":" in path:
+        raise DaemonFailed("socket path %s holds ':', an Nbd URI cannot carry: use a state directory without ':'" % path)
+    if len(os.fsencode(path)) > SUN_PATH_MAX:
+        raise DaemonFailed("socket path %s is longer than %d bytes: choose a shorter state directory" % (path, SUN_PATH_MAX))
+    return path
+
+
 def sockets(vols: Volumes, key: str) -> Dict[str, str]:
-    """The daemon's socket paths, checked to fit a Unix socket address and
-    the Nbd implementation's ``nbd:unix:<socket>:exportname=`` form."""
-    paths = {name: vols.file(key, name) for name in ("nbd", "qmp", "ctl")}
-    for path in paths.values():
-        if ":" in path:
-            raise DaemonFailed("socket path %s holds ':', an Nbd URI cannot carry: use a state directory without ':'" % path)
-        if len(os.fsencode(path)) > SUN_PATH_MAX:
-            raise DaemonFailed("socket path %s is longer than %d bytes: choose a shorter state directory" % (path, SUN_PATH_MAX))
-    return paths
+    """The daemon's socket paths (see :func:`check_socket_path`)."""
+    return {name: check_socket_path(vols.file(key, name)) for name in ("nbd", "qmp", "ctl")}
 
 
 def argv(vols: Volumes, record: Record) -> List[str]:

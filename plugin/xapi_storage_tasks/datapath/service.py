@@ -26,18 +26,15 @@ import time
 from typing import Any, Dict, List, Optional
 
 import xapi_storage_tasks
+from xapi_storage_tasks.datapath import mirror as mirrors
 from xapi_storage_tasks.datapath import qsd, schemes
-from xapi_storage_tasks.datapath.volume import Record, Volumes, check_domain, key_of
-from xapi_storage_tasks.tasks import log
+from xapi_storage_tasks.datapath.session import Locked, apply_queue, detach_locked, drop_mirror, event, finish_queued
+from xapi_storage_tasks.datapath.volume import Mirror, Volumes, check_domain, key_of
 from xapi_storage_tasks.tasks.store import Store
-from xapi_storage_tasks.wire.errors import InvalidArguments, NotAttached, PluginError, VolumeBusy, VolumeInUse
+from xapi_storage_tasks.wire.errors import InvalidArguments, MirrorFailed, NotAttached, PluginError, VolumeBusy, VolumeInUse
 
 NAME = "xapi-storage-tasks"
-FINISH_WAIT = 600.0  # how long a queued detach waits for a busy volume
-
-
-def _log(store: Store, fmt: str, *args: Any) -> None:
-    log.store_event(store, "datapath: " + fmt % args)
+FLUSH_TIMEOUT = 5.0  # the source's flush at deactivate: local, and in the migration's downtime
 
 
 # -- Plugin.* -------------------------------------------------------------------------
@@ -101,102 +98,6 @@ def diagnostics(dbg: str) -> str:
                        "volumes": volumes, "mirrors": mirrors}, indent=2, sort_keys=True)
 
 
-# -- the volume's lock and queue -------------------------------------------------------
-
-
-class _Locked:
-    """A volume under its lock, with queued detaches already applied."""
-
-    def __init__(self, vol: schemes.Volume) -> None:
-        self.vol = vol
-        self.key = key_of(vol.path)
-        self.store = Store()
-        self.vols = Volumes(self.store)
-        self._lock = self.vols.locked(self.key)
-
-    def __enter__(self) -> "_Locked":
-        try:
-            self._lock.__enter__()
-        except BaseException:
-            self.store.close()
-            raise
-        _apply_queue(self.vols, self.key)
-        _forget_ended_mirror(self.vols, self.key)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            self._lock.__exit__(*exc)
-        finally:
-            self.store.close()
-
-    def record(self) -> Record:
-        """The volume's record, new if it has none; a record of the same
-        image under another format is refused."""
-        record = self.vols.load(self.key) or Record.new(self.vol)
-        # The key is the image's real path: another spelling of it is the same volume.
-        if record.driver != self.vol.driver or os.path.realpath(record.path) != os.path.realpath(self.vol.path):
-            raise VolumeInUse("image %s is in use as %s" % (self.vol.path, record.uri))
-        return record
-
-    def serving(self) -> Dict[str, Any]:
-        """The live daemon of the volume, started if none runs; a daemon
-        that died is reported (and forgotten, so the next call starts anew)."""
-        daemon = qsd.load(self.vols, self.key)
-        if daemon is None:
-            daemon = qsd.start(self.vols, self.record())
-            _log(self.store, "started qemu-storage-daemon pid %d for %s", daemon["identity"]["pid"], self.vol.uri)
-        elif not qsd.alive(daemon):
-            error = qsd.lost(self.vols, self.key, daemon)
-            _log(self.store, "%s", error)
-            raise error
-        return daemon
-
-
-def _apply_queue(vols: Volumes, key: str) -> None:
-    """Finish the detaches queued for the volume (under its lock). The
-    volume's lock file goes with the last one if nothing else is left
-    (:func:`_detach_locked` keeps it while a queue entry exists)."""
-    names = vols.queued_detaches(key)
-    for name in names:
-        try:
-            queued = vols.read_json(name)
-        except PluginError:
-            queued = None
-        if isinstance(queued, dict) and isinstance(queued.get("domain"), str):
-            _detach_locked(vols, key, queued["domain"])
-            _log(vols.store, "finished the queued detach of domain %s from volume %s", queued["domain"], key)
-        vols.unlink(name)
-    if names and not vols.queued_detaches(key) and vols.load(key) is None and qsd.load(vols, key) is None:
-        vols.release(key)
-
-
-def _forget_ended_mirror(vols: Volumes, key: str) -> None:
-    """Drop the record's mirror once its task has ended (or is gone): a
-    mirror that failed while its volume stays active is otherwise named by
-    the record until the next deactivate, long after retention destroyed
-    its task (under the volume's lock)."""
-    from xapi_storage_tasks.data import mirror as mirrors
-
-    record = vols.load(key)
-    if record is None or record.mirror is None or mirrors.running_task(vols.store, record.mirror) is not None:
-        return
-    _drop_mirror(vols, record, qsd.load(vols, key))
-    vols.save(record)
-
-
-def _finish_queued(path: str, key: str) -> None:
-    """In a detached process: wait for the busy volume, then finish its
-    queued detaches."""
-    with Store(path) as store:
-        vols = Volumes(store)
-        try:
-            with vols.locked(key, FINISH_WAIT):
-                _apply_queue(vols, key)
-        except PluginError as e:
-            _log(store, "queued detach of volume %s not finished: %s (the next call on it will)", key, e)
-
-
 # -- Datapath.* ---------------------------------------------------------------------------
 
 
@@ -209,7 +110,7 @@ def attach(dbg: str, uri: str, domain: str) -> Dict[str, Any]:
     """Attach the volume for ``domain``: its daemon runs and serves it."""
     vol = schemes.parse(uri)
     check_domain(domain)
-    with _Locked(vol) as v:
+    with Locked(vol) as v:
         record = v.record()
         new = domain not in record.domains
         if new:
@@ -228,7 +129,7 @@ def attach(dbg: str, uri: str, domain: str) -> Dict[str, Any]:
 def _activate(uri: str, domain: str, mode: str) -> None:
     vol = schemes.parse(uri)
     check_domain(domain)
-    with _Locked(vol) as v:
+    with Locked(vol) as v:
         record = v.record()
         if domain not in record.domains:
             raise NotAttached("volume %s is not attached for domain %s" % (uri, domain))
@@ -249,38 +150,36 @@ def activate_readonly(dbg: str, uri: str, domain: str) -> None:
 
 
 def deactivate(dbg: str, uri: str, domain: str) -> None:
-    """Deactivate for ``domain``: drain its running mirror first (bounded
-    in time), then flush the volume. A drain that fails fails the mirror
-    and this call, with the reason; the domain is deactivated anyway."""
-    from xapi_storage_tasks.data import mirror as mirrors
-
-    vol = schemes.parse(uri)
+    """Deactivate for ``domain``: drain its running mirror first (within
+    ``TASK_MIRROR_DRAIN_TIMEOUT``), then flush the volume. A drain that
+    fails fails the mirror and this call, with the reason; the domain is
+    deactivated anyway. The image may be gone from its directory: the
+    daemon still holds it open, and flushes it."""
+    vol = schemes.parse(uri, must_exist=False)
     check_domain(domain)
-    with _Locked(vol) as v:
+    with Locked(vol) as v:
         record = v.vols.load(v.key)
         if record is None or record.domains.get(domain, "attached") == "attached":
             return
         daemon = qsd.load(v.vols, v.key)
         problem: Optional[str] = None
         mirror = record.mirror
-        if mirror is not None and mirror["domain"] == domain and daemon is not None and mirrors.running_task(v.store, mirror):
+        if mirror is not None and mirror.domain == domain and daemon is not None and mirrors.running_task(v.store, mirror):
             started = time.monotonic()
             problem = mirrors.drain(v.store, daemon["ctl"], mirror, mirrors.drain_timeout())
-            _log(v.store, "deactivate of %s for domain %s: mirror task %s %s after %.3fs", uri, domain,
-                 mirror["task"], "not drained: " + problem if problem else "drained", time.monotonic() - started)
+            event(v.store, "deactivate of %s for domain %s: mirror task %s %s after %.3fs", uri, domain,
+                  mirror.task, "not drained: " + problem if problem else "drained", time.monotonic() - started)
         if record.mirror is not None and mirrors.running_task(v.store, record.mirror) is None:
-            _drop_mirror(v.vols, record, daemon)
+            drop_mirror(v.vols, record, daemon)
         record.domains[domain] = "attached"
         v.vols.save(record)
         if daemon is not None:
             if not qsd.alive(daemon):
                 error = qsd.lost(v.vols, v.key, daemon)
-                _log(v.store, "%s", error)
+                event(v.store, "%s", error)
                 raise error
             _flush(daemon)
         if problem:
-            from xapi_storage_tasks.wire.errors import MirrorFailed
-
             raise MirrorFailed(problem)
 
 
@@ -291,9 +190,48 @@ def _flush(daemon: Dict[str, Any]) -> None:
     from xapi_storage_tasks.nbd.uri import Address
 
     # Bounded: deactivate sits in the migration's downtime window.
-    timeouts = Timeouts(connect=10.0, handshake=10.0, io=30.0, flush=30.0)
+    t = FLUSH_TIMEOUT
+    timeouts = Timeouts(connect=t, handshake=t, io=t, flush=t)
     with Client.connect(Address(daemon["nbd"], None, 0, daemon["export"]), timeouts) as client:
         client.flush()
+
+
+def mirror(dbg: str, uri: str, domain: str, remote: str) -> str:
+    """Start mirroring volume ``uri``, active for guest ``domain``, to
+    ``remote``; returns the task id at once. Asked again for the same
+    domain and remote while that mirror runs, returns the same task."""
+    from xapi_storage_tasks.datapath import mirror_worker
+    from xapi_storage_tasks.nbd.uri import parse_uri
+    from xapi_storage_tasks.tasks import worker
+
+    vol = schemes.parse(uri)
+    check_domain(domain)
+    parse_uri(remote)
+    with Locked(vol) as v:
+        record = v.vols.load(v.key)
+        daemon = qsd.load(v.vols, v.key)
+        if record is None or daemon is None or record.domains.get(domain, "attached") == "attached":
+            raise NotAttached("volume %s is not active for domain %s: attach and activate it before mirroring it"
+                              % (uri, domain))
+        if not qsd.alive(daemon):
+            raise qsd.lost(v.vols, v.key, daemon)
+        running = mirrors.running_task(v.store, record.mirror)
+        if running is not None and record.mirror is not None:
+            if record.mirror.domain == domain and (running.operation or {}).get("args", {}).get("remote") == remote:
+                return running.id
+            raise VolumeInUse("volume %s is already being mirrored by task %s" % (uri, running.id))
+        placeholder = Mirror.new("", domain)
+        relay = v.vols.file(v.key, placeholder.relay)
+        qsd.check_socket_path(relay)
+        args = {"key": v.key, "qmp_path": daemon["qmp"], "relay_path": relay, "job": placeholder.job,
+                "node": placeholder.node, "remote": remote, "stall": mirrors.stall_timeout(), "uri": uri}
+        # The record names the task before its worker exists: killed here,
+        # the task is reconciled as lost and the record with it.
+        task = v.store.create(dbg, operation={"kind": mirrors.KIND, "func": mirror_worker.FUNC, "args": args})
+        record.mirror = placeholder._replace(task=task.id)
+        v.vols.save(record)
+        worker.launch(v.store, task.id, mirror_worker.run, args)
+        return task.id
 
 
 def detach(dbg: str, uri: str, domain: str) -> None:
@@ -314,15 +252,15 @@ def _detach(uri: str, domain: str) -> None:
         check_domain(domain)
     except InvalidArguments as e:
         with Store() as store:
-            _log(store, "detach of %r for domain %r ignored: %s", uri, domain, e)
+            event(store, "detach of %r for domain %r ignored: %s", uri, domain, e)
         return
     key = key_of(vol.path)
     with Store() as store:
         vols = Volumes(store)
         try:
             with vols.locked(key):
-                _apply_queue(vols, key)
-                if _detach_locked(vols, key, domain):
+                apply_queue(vols, key)
+                if detach_locked(vols, key, domain):
                     return
                 why = "its storage daemon would not stop"
         except VolumeBusy as e:
@@ -330,60 +268,7 @@ def _detach(uri: str, domain: str) -> None:
         except Exception as e:  # noqa: BLE001 - detach never fails; the queue retries
             why = "%s: %s" % (type(e).__name__, e)
         vols.queue_detach(key, domain)
-        _log(store, "detach of %s for domain %s queued (%s); it finishes later", uri, domain, why)
+        event(store, "detach of %s for domain %s queued (%s); it finishes later", uri, domain, why)
         from xapi_storage_tasks.process.spawn import spawn
 
-        spawn(lambda: _finish_queued(store.path, key))
-
-
-def _detach_locked(vols: Volumes, key: str, domain: str) -> bool:
-    """Forget ``domain``; after the last one, end any mirror and stop the
-    daemon. False if the daemon would not stop (its record stays)."""
-    from xapi_storage_tasks.data import mirror as mirrors
-
-    record = vols.load(key)
-    daemon = qsd.load(vols, key)
-    if record is not None:
-        record.domains.pop(domain, None)
-        mirror = record.mirror
-        if mirror is not None and (mirror["domain"] == domain or not record.domains):
-            if mirrors.running_task(vols.store, mirror) is not None:
-                _fail_mirror(vols.store, mirror, "Mirror failed: volume detached for domain %s while mirroring" % domain)
-                if daemon is not None and qsd.alive(daemon):
-                    mirrors.abort(daemon["ctl"], mirror)
-                record.mirror = None
-            else:
-                _drop_mirror(vols, record, daemon)
-        vols.save(record)
-        if record.domains:
-            return True
-    if daemon is not None and not qsd.alive(daemon):
-        _log(vols.store, "%s", qsd.lost(vols, key, daemon))
-    elif daemon is not None:
-        if not qsd.stop(vols, key, daemon):
-            return False
-        _log(vols.store, "stopped qemu-storage-daemon pid %s of %s", daemon["identity"]["pid"], daemon.get("uri"))
-    if not vols.queued_detaches(key):
-        vols.release(key)
-    return True
-
-
-def _drop_mirror(vols: Volumes, record: Record, daemon: Optional[Dict[str, Any]]) -> None:
-    """Forget a volume's finished mirror. One whose worker was lost may
-    have left its job running in the daemon (see mirror.orphaned): that
-    job is ended first."""
-    from xapi_storage_tasks.data import mirror as mirrors
-
-    if record.mirror is not None and daemon is not None and qsd.alive(daemon) and mirrors.orphaned(vols.store, record.mirror):
-        _log(vols.store, "ending the job of mirror task %s, which its worker did not end", record.mirror["task"])
-        mirrors.abort(daemon["ctl"], record.mirror)
-    record.mirror = None
-
-
-def _fail_mirror(store: Store, mirror: Dict[str, str], message: str) -> None:
-    from xapi_storage_tasks.tasks import lifecycle
-
-    try:
-        store.transition(mirror["task"], lambda t: None if t.state.terminal else lifecycle.fail_and_undo(store, t, message))
-    except PluginError:
-        pass
+        spawn(lambda: finish_queued(store.path, key))

@@ -10,12 +10,13 @@ store, so never via a symlink), holds for the volume with key ``K``::
     K.pid K.log     qemu-storage-daemon's pidfile and stderr
     K.nbd K.qmp K.ctl   its NBD socket and two QMP sockets
     K.detach.H      a detach queued because the volume was busy
+    K.rNNNNNN       the listening socket of a mirror's relay (datapath.relay)
 
 The record is plain versioned JSON::
 
     {"version": 1, "uri": "raw+file:///srv/a.raw", "path": "/srv/a.raw",
      "driver": "raw", "domains": {"7": "rw", "u0-mirror_x": "attached"},
-     "mirror": {"task": "<id>", "domain": "7", "job": "m...", "node": "t..."}}
+     "mirror": {"task": "<id>", "domain": "7", "job": "mirror-...", "node": "target-..."}}
 
 A domain maps to ``attached``, ``rw`` (active) or ``ro`` (active
 read-only). Writes go to a temporary sibling, are fsynced, renamed into
@@ -29,7 +30,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional
 
 from xapi_storage_tasks import settings
 from xapi_storage_tasks.datapath.schemes import Volume
@@ -60,11 +61,44 @@ def check_domain(domain: str) -> str:
     return domain
 
 
+class Mirror(NamedTuple):
+    """The mirror named by a volume's record: its task, the guest domain it
+    serves, the job, the target node and the relay's socket name."""
+
+    task: str
+    domain: str
+    job: str
+    node: str
+
+    @classmethod
+    def new(cls, task: str, domain: str) -> "Mirror":
+        """The names of a new mirror (unique per volume and start)."""
+        suffix = "%x" % time.time_ns()
+        return cls(task, domain, "mirror-" + suffix, "target-" + suffix)
+
+    @property
+    def relay(self) -> str:
+        """The suffix of the relay's socket in the volume's directory:
+        short (socket paths are) and unique per mirror."""
+        return "r" + self.job[-6:]
+
+    def to_disk(self) -> Dict[str, str]:
+        """The JSON object stored in the volume's record."""
+        return self._asdict()
+
+    @classmethod
+    def from_disk(cls, obj: Any) -> "Mirror":
+        """Parse a record's mirror; ValueError if it is malformed."""
+        if not (isinstance(obj, dict) and all(isinstance(obj.get(k), str) for k in cls._fields)):
+            raise ValueError("field 'mirror' is mistyped")
+        return cls(*(obj[k] for k in cls._fields))
+
+
 class Record:
     """The durable state of one volume."""
 
     def __init__(self, key: str, uri: str, path: str, driver: str,
-                 domains: Optional[Dict[str, str]] = None, mirror: Optional[Dict[str, str]] = None) -> None:
+                 domains: Optional[Dict[str, str]] = None, mirror: Optional[Mirror] = None) -> None:
         self.key, self.uri, self.path, self.driver = key, uri, path, driver
         self.domains: Dict[str, str] = dict(domains or {})
         self.mirror = mirror
@@ -77,7 +111,7 @@ class Record:
     def to_disk(self) -> Dict[str, Any]:
         """The JSON object written to ``K.json``."""
         return {"version": VERSION, "key": self.key, "uri": self.uri, "path": self.path, "driver": self.driver,
-                "domains": self.domains, "mirror": self.mirror, "updated": time.time()}
+                "domains": self.domains, "mirror": self.mirror.to_disk() if self.mirror else None, "updated": time.time()}
 
     @classmethod
     def from_disk(cls, obj: Any) -> "Record":
@@ -91,10 +125,8 @@ class Record:
         if not isinstance(domains, dict) or not all(isinstance(v, str) and v in STATES for v in domains.values()):
             raise ValueError("field 'domains' is mistyped")
         mirror = obj.get("mirror")
-        fields = ("task", "domain", "job", "node")
-        if mirror is not None and not (isinstance(mirror, dict) and all(isinstance(mirror.get(k), str) for k in fields)):
-            raise ValueError("field 'mirror' is mistyped")
-        return cls(obj["key"], obj["uri"], obj["path"], obj["driver"], domains, mirror)
+        return cls(obj["key"], obj["uri"], obj["path"], obj["driver"], domains,
+                   None if mirror is None else Mirror.from_disk(mirror))
 
 
 class Volumes:

@@ -74,6 +74,32 @@ def fail_and_undo(store: Store, task: Task, message: str) -> State:
     return Failed(message)
 
 
+def fail_unless_ended(store: Store, task_id: str, message: str) -> Task | None:
+    """Fail the task with ``message`` (undoing its artifacts) unless it has
+    already ended; returns the task as it now is, None if it is gone."""
+    try:
+        return store.transition(task_id, lambda t: None if t.state.terminal else fail_and_undo(store, t, message))
+    except PluginError:
+        return None
+
+
+def kill(store: Store, task_id: str) -> bool:
+    """SIGKILL the task's worker (its whole process group), only if the
+    kernel vouches it is that worker; waits, briefly, for it to be gone.
+    True if it was killed."""
+    import signal
+
+    try:
+        task = store.get(task_id)
+    except PluginError:
+        return False
+    if task.worker is None or not identity.signal_worker(task.worker, signal.SIGKILL, store.mark(task_id)):
+        return False
+    identity.wait_gone(task.worker, 1.0)
+    log.task_event(store, task, "worker pid %s killed: it did not end its operation in time" % task.worker.get("pid"))
+    return True
+
+
 def _vouched(store: Store, task: Task) -> bool:
     """The recorded worker is alive, is one we could signal, and the kernel
     says it holds the task's mark: a forged identity naming some other live
