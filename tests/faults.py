@@ -88,17 +88,18 @@ def _flags(args, kwargs):
 
 def is_mutating(name, args, kwargs):
     """True for calls that change the file system (an ``open`` counts
-    only when it may create)."""
+    only when it may create, by name or nameless)."""
     if name == "open":
-        return bool(_flags(args, kwargs) & os.O_CREAT)
-    return name in ("write", "fsync", "rename", "unlink", "mkdir", "makedirs")
+        flags = _flags(args, kwargs)
+        return bool(flags & os.O_CREAT) or flags & os.O_TMPFILE == os.O_TMPFILE
+    return name in ("write", "fsync", "link", "rename", "unlink", "mkdir", "makedirs")
 
 
 class OSProxy:
     """The ``os`` module, with the watched functions routed through
     ``hook(name, real_function, args, kwargs)``."""
 
-    WATCHED = frozenset(("open", "write", "fsync", "rename", "unlink", "mkdir", "makedirs"))
+    WATCHED = frozenset(("open", "write", "fsync", "link", "rename", "unlink", "mkdir", "makedirs"))
 
     def __init__(self, hook):
         self._hook = hook

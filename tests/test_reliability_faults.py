@@ -117,7 +117,7 @@ def _retry(store, kind, task_id):
 def test_write_faults_leave_previous_state_intact(store, state_dir):
     """Promise: when any system call of a task write fails before the new
     file is renamed into place (creating the temporary file, writing it,
-    fsyncing it, renaming it) with ENOSPC or EIO, the call raises
+    fsyncing it, linking it, renaming it) with ENOSPC or EIO, the call raises
     xapi_storage_tasks.wire.errors.InternalError naming the error, the task's file keeps its
     previous bytes, no temporary file is left, a failed create leaves no
     trace at all, and the same call succeeds once the fault is gone."""
@@ -129,7 +129,7 @@ def test_write_faults_leave_previous_state_intact(store, state_dir):
         # Every step of the write must be there to fail, or the loop proves less.
         assert {"open", "write", "fsync", "rename"} <= set(calls[write_start:rename_at + 1]), (kind, calls)
         for name, n in _points(calls)[write_start:rename_at + 1]:
-            if name not in ("open", "write", "fsync", "rename"):
+            if name not in ("open", "write", "fsync", "link", "rename"):
                 continue
             for err in ERRNOS:
                 raised, before, after, task_id, ids_before = _inject(store, state_dir, kind, name, n, err)

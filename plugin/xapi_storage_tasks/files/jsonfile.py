@@ -17,6 +17,7 @@ ours once they are old.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
@@ -30,6 +31,9 @@ TEMP_AGE = 60.0
 """Seconds after which a temporary is a dead writer's: a live writer's
 lives for one write."""
 
+_NO_TMPFILE = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL)
+"""What ``open(O_TMPFILE)`` fails with where the kernel or file system
+lacks it (any other error is the write's)."""
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
@@ -71,8 +75,10 @@ def write_json(value: object, name: str, dir_fd: int, tmp_fd: int) -> None:
     tmp = "%s%s%s" % (name, TEMP, os.urandom(4).hex())
     try:
         fd, named = os.open(".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=tmp_fd), False
-    except OSError:  # no O_TMPFILE on this file system: a name from the start
-        fd, named = os.open(tmp, O_NEW, 0o600, dir_fd=tmp_fd), True
+    except OSError as e:
+        if e.errno not in _NO_TMPFILE:
+            raise
+        fd, named = os.open(tmp, O_NEW, 0o600, dir_fd=tmp_fd), True  # a name from the start
     try:
         try:
             view = memoryview(data)
