@@ -35,9 +35,10 @@ from harness import HOST_FLAGS, SRC, bench_env, executable, host_python, row, sa
 sys.path.insert(0, SRC)
 
 from xapi_storage_tasks.process import identity  # noqa: E402
-from xapi_storage_tasks.tasks import ids  # noqa: E402
+from xapi_storage_tasks.wire import ids  # noqa: E402
 from xapi_storage_tasks.tasks.record import Task  # noqa: E402
 from xapi_storage_tasks.tasks.state import Completed  # noqa: E402
+from xapi_storage_tasks.tasks import marks  # noqa: E402
 from xapi_storage_tasks.tasks.store import Store  # noqa: E402
 
 SMALL = "<= 1.7x"
@@ -67,7 +68,7 @@ def _running_mirror(store, task_id):
     """Make the Pending task a running mirror whose job is ready: a live
     process (leading its own group) holds the task's mark, as a worker
     does, and is recorded as its worker. Returns that process."""
-    fd = store.hold_mark(task_id)
+    fd = marks.hold(store, task_id)
     try:
         proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"], pass_fds=[fd],
                                 start_new_session=True)

@@ -27,10 +27,11 @@ sys.path[:0] = [os.path.join(ROOT, "plugin"), os.path.join(ROOT, "tests")]
 
 from ops import write_steps  # noqa: E402
 from xapi_storage_tasks.process import identity  # noqa: E402
-from xapi_storage_tasks.tasks import ids, worker  # noqa: E402
+from xapi_storage_tasks.tasks import index, worker  # noqa: E402
 from xapi_storage_tasks.tasks.record import Task  # noqa: E402
 from xapi_storage_tasks.tasks.state import Completed, Pending  # noqa: E402
-from xapi_storage_tasks.tasks.store import ENDED_WIDTH, Store  # noqa: E402
+from xapi_storage_tasks.tasks.store import Store  # noqa: E402
+from xapi_storage_tasks.wire import ids  # noqa: E402
 
 STARTER = os.path.join(ROOT, "tests", "start_task.py")
 
@@ -79,7 +80,7 @@ def _populate_expired(path, count, ended_ago=7200.0, minutes=100):
             os.write(fd, json.dumps(task.to_disk()).encode())
             os.close(fd)
             os.close(os.open(task.id, os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=locks))
-            bucket = str(int(end // ENDED_WIDTH))
+            bucket = str(int(end // index.WIDTH))
             try:
                 os.mkdir(bucket, 0o700, dir_fd=ended)
             except FileExistsError:

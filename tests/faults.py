@@ -2,8 +2,8 @@
 (``tests/test_reliability_*.py``).
 
 :class:`OSProxy` stands in for the ``os`` module inside one plugin module
-only (``monkeypatch.setattr(xapi_storage_tasks.tasks.store, "os", OSProxy(hook))``), so the
-test runner, the log module and everything else keep the real ``os``. The
+of the task store only (:func:`store_os`), so the test runner, the log
+module and everything else keep the real ``os``. The
 hook sees every call of a watched function and decides: pass it through,
 raise an ``OSError``, or SIGKILL the calling process at that instant.
 
@@ -25,6 +25,24 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "bin")
 STORE_DIRS = ("tasks", "tmp", "locks", "pending")
+
+
+def store_os(value):
+    """Make ``value`` (an :class:`OSProxy`, or the real ``os`` back) the
+    ``os`` of every module through which the task store touches files."""
+    import xapi_storage_tasks.files.dirs
+    import xapi_storage_tasks.files.jsonfile
+    import xapi_storage_tasks.files.lock
+    import xapi_storage_tasks.tasks.index
+    import xapi_storage_tasks.tasks.locks
+    import xapi_storage_tasks.tasks.marks
+    import xapi_storage_tasks.tasks.store
+    import xapi_storage_tasks.tasks.sweep
+
+    for module in (xapi_storage_tasks.files.dirs, xapi_storage_tasks.files.jsonfile, xapi_storage_tasks.files.lock,
+                   xapi_storage_tasks.tasks.index, xapi_storage_tasks.tasks.locks, xapi_storage_tasks.tasks.marks,
+                   xapi_storage_tasks.tasks.store, xapi_storage_tasks.tasks.sweep):
+        module.os = value
 
 
 def env_int(name, default):
@@ -70,17 +88,18 @@ def _flags(args, kwargs):
 
 def is_mutating(name, args, kwargs):
     """True for calls that change the file system (an ``open`` counts
-    only when it may create)."""
+    only when it may create, by name or nameless)."""
     if name == "open":
-        return bool(_flags(args, kwargs) & os.O_CREAT)
-    return name in ("write", "fsync", "rename", "unlink", "mkdir", "makedirs")
+        flags = _flags(args, kwargs)
+        return bool(flags & os.O_CREAT) or flags & os.O_TMPFILE == os.O_TMPFILE
+    return name in ("write", "fsync", "link", "rename", "unlink", "mkdir", "makedirs")
 
 
 class OSProxy:
     """The ``os`` module, with the watched functions routed through
     ``hook(name, real_function, args, kwargs)``."""
 
-    WATCHED = frozenset(("open", "write", "fsync", "rename", "unlink", "mkdir", "makedirs"))
+    WATCHED = frozenset(("open", "write", "fsync", "link", "rename", "unlink", "mkdir", "makedirs"))
 
     def __init__(self, hook):
         self._hook = hook
@@ -247,7 +266,7 @@ def tree(path):
 def task_file_problems(state_dir):
     """Everything wrong with ``tasks/``: names that are not ``<id>.json``
     (temporary files included) and files that do not parse as a task."""
-    from xapi_storage_tasks.tasks import ids
+    from xapi_storage_tasks.wire import ids
     from xapi_storage_tasks.tasks.record import Task
 
     problems = []
@@ -369,9 +388,7 @@ def fork_call(method, stdin, hook=None, args=("--json",)):
             sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
             sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), errors="backslashreplace")
             if hook is not None:
-                import xapi_storage_tasks.tasks.store
-
-                xapi_storage_tasks.tasks.store.os = OSProxy(hook(os.getpid()))
+                store_os(OSProxy(hook(os.getpid())))
             from xapi_storage_tasks import entry
 
             code = entry.main([os.path.join(BIN, method), *args])

@@ -4,42 +4,41 @@ import json
 
 import pytest
 
-from xapi_storage_tasks.wire import codec
-from xapi_storage_tasks.tasks import ids
-from xapi_storage_tasks.wire.errors import InvalidArguments, TaskDoesNotExist
-from xapi_storage_tasks.tasks.state import Completed, Failed, Pending
 from xapi_storage_tasks.tasks.record import Task
+from xapi_storage_tasks.tasks.state import Completed, Failed, Pending, from_wire
+from xapi_storage_tasks.wire import codec, ids
+from xapi_storage_tasks.wire.errors import InvalidArguments, TaskDoesNotExist
 
 
-def test_states_encode_with_floats_and_tags():
-    assert json.dumps(codec.encode_state(Pending(0))) == '["Pending", 0.0]'
-    assert json.dumps(codec.encode_state(Completed(12))) == '["Completed", {"duration": 12.0}]'
-    assert codec.encode_state(Completed(1.5, codec.UNIT_RESULT)) == [
+def test_states_give_their_wire_values_with_floats_and_tags():
+    assert json.dumps(Pending(0).to_wire()) == '["Pending", 0.0]'
+    assert json.dumps(Completed(12).to_wire()) == '["Completed", {"duration": 12.0}]'
+    assert Completed(1.5, codec.UNIT_RESULT).to_wire() == [
         "Completed",
         {"duration": 1.5, "result": ["UnitResult", None]},
     ]
-    assert codec.encode_state(Failed("Cancelled")) == ["Failed", "Cancelled"]
+    assert Failed("Cancelled").to_wire() == ["Failed", "Cancelled"]
 
 
 def test_state_decoding_is_case_insensitive_and_strict():
-    assert codec.decode_state(["pending", 0.5]) == Pending(0.5)
-    assert codec.decode_state(["COMPLETED", {"duration": 2}]) == Completed(2.0)
+    assert from_wire(["pending", 0.5]) == Pending(0.5)
+    assert from_wire(["COMPLETED", {"duration": 2}]) == Completed(2.0)
     for bad in (["Pending"], ["Running", 1.0], ["Failed", 3], "Pending", ["Completed", {}]):
         with pytest.raises(ValueError):
-            codec.decode_state(bad)
+            from_wire(bad)
 
 
 def test_task_record_ctime_is_float():
     task = Task(ids.new_id(), "d", 1764340000, Pending(0.42))
-    text = json.dumps(codec.encode_task(task))
+    text = json.dumps(task.to_wire())
     assert '"ctime": 1764340000.0' in text
     assert json.loads(text)["state"] == ["Pending", 0.42]
 
 
 def test_status_never_complete_and_failed():
-    assert codec.encode_status(Failed("x")) == {"failed": True, "complete": False}  # progress omitted
-    assert codec.encode_status(Completed(1)) == {"failed": False, "complete": True, "progress": 1.0}
-    assert isinstance(codec.encode_status(Pending(0))["progress"], float)
+    assert Failed("x").status() == {"failed": True, "complete": False}  # progress omitted
+    assert Completed(1).status() == {"failed": False, "complete": True, "progress": 1.0}
+    assert isinstance(Pending(0).status()["progress"], float)
 
 
 def test_error_record_has_every_field_typed():

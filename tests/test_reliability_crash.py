@@ -23,7 +23,6 @@ import time
 
 import pytest
 
-import xapi_storage_tasks.tasks.store
 from conftest import BIN, run_bin
 from faults import (
     CrashAt,
@@ -37,6 +36,7 @@ from faults import (
     report,
     rng,
     run_killed,
+    store_os,
     task_file_problems,
     wait_pidfd,
 )
@@ -59,7 +59,7 @@ def crash_store(state_dir, monkeypatch):
     monkeypatch.setenv("TASK_CANCEL_GRACE", "0.3")
     with Store(str(state_dir)) as s:
         yield s
-    xapi_storage_tasks.tasks.store.os = REAL_OS
+    store_os(REAL_OS)
     assert kill_live_workers(state_dir) == 0, "a worker was left running"
 
 
@@ -91,9 +91,7 @@ def _stat(task_id, real):
         res = run_bin("Task.stat", {"dbg": "crash", "id": task_id})
         assert res.returncode == 0, res.stdout
         return res.json["state"]
-    from xapi_storage_tasks.wire import codec
-
-    return codec.encode_state(task_api.stat("crash", task_id).state)
+    return task_api.stat("crash", task_id).state.to_wire()
 
 
 def _check_after(state_dir, task_id, out, steps, declared, real_stat, stats):
@@ -127,7 +125,7 @@ def _check_after(state_dir, task_id, out, steps, declared, real_stat, stats):
 
 
 def _ls_clean(state_dir, real):
-    """Task.ls works, lists every task file, and leaves no Pending marker
+    """Task.ls works, lists every task file, and leaves no Pending mark
     on a finished task."""
     if real:
         res = run_bin("Task.ls", {"dbg": "crash"})
@@ -138,7 +136,7 @@ def _ls_clean(state_dir, real):
     assert listed == sorted(n[:-5] for n in leftovers(state_dir, "tasks"))
     with Store(str(state_dir)) as s:
         for task_id in leftovers(state_dir, "pending"):
-            assert task_id not in listed or not s.get(task_id).state.terminal, "marker left on finished %s" % task_id
+            assert task_id not in listed or not s.get(task_id).state.terminal, "mark left on finished %s" % task_id
 
 
 def test_worker_killed_at_every_store_write(crash_store, state_dir, tmp_path):
@@ -148,12 +146,12 @@ def test_worker_killed_at_every_store_write(crash_store, state_dir, tmp_path):
     declared artifact left."""
     trace = str(tmp_path / "trace")
     log.store_event(crash_store, "crash points: logs/ exists before the trace, as in every trial")
-    xapi_storage_tasks.tasks.store.os = OSProxy(CrashAt(0, trace=trace))
+    store_os(OSProxy(CrashAt(0, trace=trace)))
     try:
         tid = worker.start("trace", write_steps, {"path": str(tmp_path / "trace.out"), "steps": 2, "delay": 0.01},
                            store=crash_store)
     finally:
-        xapi_storage_tasks.tasks.store.os = REAL_OS
+        store_os(REAL_OS)
     assert identity.wait_gone(crash_store.get(tid).worker, 10)
     with open(trace) as f:
         points = len(f.readlines())
@@ -162,11 +160,11 @@ def test_worker_killed_at_every_store_write(crash_store, state_dir, tmp_path):
     for n in range(1, points + 2):  # points + 1: no crash at all
         for after in (False, True):
             out = str(tmp_path / ("out-%d-%d" % (n, after)))
-            xapi_storage_tasks.tasks.store.os = OSProxy(CrashAt(n, after=after))
+            store_os(OSProxy(CrashAt(n, after=after)))
             try:
                 tid = worker.start("crash-%d" % n, write_steps, {"path": out, "steps": 2, "delay": 0.01}, store=crash_store)
             finally:
-                xapi_storage_tasks.tasks.store.os = REAL_OS
+                store_os(REAL_OS)
             ident = crash_store.get(tid).worker
             if ident is not None:
                 assert identity.wait_gone(ident, 10)
@@ -546,11 +544,11 @@ def test_crash_then_destroy_leaves_no_trace(crash_store, state_dir, tmp_path, wh
     if where == "worker-write":
         out = str(tmp_path / "out")
         # Just after creating the temporary file of its 2nd record (declare_artifact).
-        xapi_storage_tasks.tasks.store.os = OSProxy(CrashAt(2, after=True, name="open"))
+        store_os(OSProxy(CrashAt(2, after=True, name="open")))
         try:
             tid = worker.start("leak", write_steps, {"path": out, "steps": 2, "delay": 0.01}, store=crash_store)
         finally:
-            xapi_storage_tasks.tasks.store.os = REAL_OS
+            store_os(REAL_OS)
         _wait_worker_end(crash_store.get(tid).worker)
         assert run_bin("Task.stat", {"dbg": "d", "id": tid}).json["state"][0] == "Failed"
         assert run_bin("Task.destroy", {"dbg": "d", "id": tid}).returncode == 0

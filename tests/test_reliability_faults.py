@@ -4,7 +4,7 @@ a clear error; a really full file system (a 64 KiB tmpfs) never corrupts a
 task and the executables answer with the error record.
 
 Faults are injected through the store module's own ``os`` reference
-(``xapi_storage_tasks.tasks.store.os``), so nothing else in the process is affected.
+(``faults.store_os``), so nothing else in the process is affected.
 """
 
 import errno
@@ -17,7 +17,6 @@ import time
 
 import pytest
 
-import xapi_storage_tasks.tasks.store
 from conftest import run_bin
 from faults import (
     Counter,
@@ -31,10 +30,11 @@ from faults import (
     report,
     snapshot,
     stand_in_worker,
+    store_os,
     task_file_problems,
 )
 from xapi_storage_tasks.process import identity
-from xapi_storage_tasks.tasks import worker
+from xapi_storage_tasks.tasks import marks, worker
 from xapi_storage_tasks.wire.errors import InternalError
 from xapi_storage_tasks.tasks.state import Completed, Pending
 from xapi_storage_tasks.tasks.store import Store
@@ -67,11 +67,11 @@ def _plan(store, kind):
     _make(store, kind)  # warm up (subdirectories exist)
     _, op = _make(store, kind)
     counter = Counter()
-    xapi_storage_tasks.tasks.store.os = OSProxy(counter)
+    store_os(OSProxy(counter))
     try:
         op()
     finally:
-        xapi_storage_tasks.tasks.store.os = os
+        store_os(os)
     return counter.calls
 
 
@@ -91,14 +91,14 @@ def _inject(store, state_dir, kind, name, n, err):
     before = snapshot(state_dir)
     ids_before = store.ids()
     hook = FailAt(name, n, err)
-    xapi_storage_tasks.tasks.store.os = OSProxy(hook)
+    store_os(OSProxy(hook))
     raised = None
     try:
         op()
     except BaseException as e:  # noqa: B902 - we classify it below
         raised = e
     finally:
-        xapi_storage_tasks.tasks.store.os = os
+        store_os(os)
     assert hook.fired, "no %s #%d in %s" % (name, n, kind)
     return raised, before, snapshot(state_dir), task_id, ids_before
 
@@ -117,7 +117,7 @@ def _retry(store, kind, task_id):
 def test_write_faults_leave_previous_state_intact(store, state_dir):
     """Promise: when any system call of a task write fails before the new
     file is renamed into place (creating the temporary file, writing it,
-    fsyncing it, renaming it) with ENOSPC or EIO, the call raises
+    fsyncing it, linking it, renaming it) with ENOSPC or EIO, the call raises
     xapi_storage_tasks.wire.errors.InternalError naming the error, the task's file keeps its
     previous bytes, no temporary file is left, a failed create leaves no
     trace at all, and the same call succeeds once the fault is gone."""
@@ -129,7 +129,7 @@ def test_write_faults_leave_previous_state_intact(store, state_dir):
         # Every step of the write must be there to fail, or the loop proves less.
         assert {"open", "write", "fsync", "rename"} <= set(calls[write_start:rename_at + 1]), (kind, calls)
         for name, n in _points(calls)[write_start:rename_at + 1]:
-            if name not in ("open", "write", "fsync", "rename"):
+            if name not in ("open", "write", "fsync", "link", "rename"):
                 continue
             for err in ERRNOS:
                 raised, before, after, task_id, ids_before = _inject(store, state_dir, kind, name, n, err)
@@ -147,11 +147,11 @@ def test_write_faults_leave_previous_state_intact(store, state_dir):
 
 def test_every_store_io_error_is_an_internal_error(store, state_dir):
     """Promise: every failing system call of a store write (including the
-    directory fsync after the rename, the lock and marker files of create,
+    directory fsync after the rename, the lock and mark files of create,
     and destroy's unlinks and fsync) raises xapi_storage_tasks.wire.errors.InternalError
     naming the error, and every task file stays whole (old or new). The one
     exceptions are by design: what follows a durable Completed write
-    (indexing it for retention, dropping its Pending marker) and the last
+    (indexing it for retention, dropping its Pending mark) and the last
     step of a destroy (dropping that index entry) are best effort, and the
     call succeeds."""
     trials, wrong = 0, []
@@ -168,7 +168,7 @@ def test_every_store_io_error_is_an_internal_error(store, state_dir):
                 if kind == "complete" and i > rename_at + 1:
                     # After the task is durably Completed (rename, directory
                     # fsync), its retention entry and dropping its Pending
-                    # marker are best effort: the call succeeded.
+                    # mark are best effort: the call succeeded.
                     if raised is not None or not store.get(task_id).state.terminal:
                         wrong.append("%s raised %r after a durable completion" % (where, raised))
                     continue
@@ -506,7 +506,7 @@ def test_cancel_of_a_worker_stopped_while_holding_the_lock(store, state_dir, mon
         p.stdin.flush()
         _wait_held(lock, p)
         os.kill(p.pid, signal.SIGSTOP)
-        assert identity.matches(ident) and identity.holds(ident, store.mark(task.id))
+        assert identity.matches(ident) and identity.holds(ident, marks.file_id(store, task.id))
         res = run_bin("Task.cancel", {"dbg": "d", "id": task.id}, timeout=30)
         assert (res.returncode, res.json) == (0, None), res.stdout
         assert p.wait(30) == -signal.SIGKILL  # by the watchdog, without the lock
@@ -609,7 +609,7 @@ def test_worker_on_a_full_state_directory_records_why_it_stopped(tiny_fs, tmp_pa
 def test_destroy_works_on_any_damaged_task(store, state_dir, tmp_path):
     """Promise (issue 12, item 6): Task.destroy is the operator's way out
     of any damaged task: its file a symlink (to a file outside the store,
-    left untouched), a directory, torn JSON; its Pending marker or cancel
+    left untouched), a directory, torn JSON; its Pending mark or cancel
     request a directory. Each is destroyed and nothing of it remains."""
     victim = tmp_path / "victim"
     victim.write_text("keep me\n")
@@ -629,13 +629,13 @@ def test_destroy_works_on_any_damaged_task(store, state_dir, tmp_path):
         with open(os.path.join(root, "tasks", tid + ".json"), "w") as f:
             f.write('{"version": 1, "id": ')
 
-    def marker_directory(tid):
+    def mark_directory(tid):
         os.mkdir(os.path.join(root, "pending", tid))
 
     def cancel_directory(tid):
         os.makedirs(os.path.join(root, "cancels", tid))
 
-    damages = (task_file_symlink, task_file_directory, task_file_torn, marker_directory, cancel_directory)
+    damages = (task_file_symlink, task_file_directory, task_file_torn, mark_directory, cancel_directory)
     for damage in damages:
         task = store.create(damage.__name__)
         store.transition(task.id, lambda t: Completed(0.1))

@@ -6,7 +6,7 @@ The answer must always be a valid result with exit 0 or a valid error
 record with exit 1 (every field present and typed; stdout one line of
 strict JSON; stderr one line); bad input is reported as such, never as
 ``Internal_error``; and a call that fails leaves the store (tasks, locks,
-markers, temporary files) byte for byte as it was.
+marks, temporary files) byte for byte as it was.
 
 Most examples run in-process through ``xapi_storage_tasks.entry.main`` (the code every
 ``bin/`` executable runs) with stdin/stdout swapped for in-memory streams;
@@ -37,11 +37,11 @@ from hypothesis.configuration import set_hypothesis_home_dir
 from conftest import BIN, run_bin
 from faults import env_int, report, snapshot
 from xapi_storage_tasks.wire import codec
-from xapi_storage_tasks.tasks import ids
+from xapi_storage_tasks.wire import ids
 from xapi_storage_tasks.tasks import lifecycle
 from xapi_storage_tasks import registry
 from xapi_storage_tasks import entry
-from xapi_storage_tasks.tasks.state import Completed, Failed
+from xapi_storage_tasks.tasks.state import Completed, Failed, from_wire
 from xapi_storage_tasks.tasks.store import Store
 
 pytestmark = pytest.mark.reliability
@@ -342,7 +342,7 @@ def _result_ok(method, value):
 
 def _state_ok(state):
     try:
-        codec.decode_state(state)
+        from_wire(state)
     except ValueError:
         return False
     return type(state[1]) is float if state[0] == "Pending" else True

@@ -43,7 +43,7 @@ def test_modes_after_real_worker_runs(tmp_path, monkeypatch):
     """Promise: after real workers ran (one completed, one cancelled, one
     failed), and every Task method was called with umask 000, the state
     directory and every subdirectory are mode 0700 and every file in it
-    (task, lock, marker, log, store log) is mode 0600, all owned by us."""
+    (task, lock, mark, log, store log) is mode 0600, all owned by us."""
     state = tmp_path / "state"
     env = dict(os.environ, TASK_STATE_DIR=str(state), TASK_SYSLOG="0", TASK_CANCEL_GRACE="0.5")
     monkeypatch.setenv("TASK_STATE_DIR", str(state))

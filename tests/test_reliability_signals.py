@@ -17,7 +17,7 @@ import pytest
 
 from conftest import BIN, SRC, run_bin
 from faults import Bystander, report
-from xapi_storage_tasks.tasks import lifecycle
+from xapi_storage_tasks.tasks import lifecycle, marks
 from xapi_storage_tasks.process import identity
 
 pytestmark = pytest.mark.reliability
@@ -116,8 +116,8 @@ def test_cancel_never_signals_a_non_worker(store, state_dir, monkeypatch, guarde
             forged["test runner's group leader"] = runner_group
         names = sorted(forged)
         task_ids = [_forge(store, forged[name]) for name in names]
-        marks = [store.mark(tid) for tid in task_ids]
-        assert None not in marks
+        task_marks = [marks.file_id(store, tid) for tid in task_ids]
+        assert None not in task_marks
         t0 = time.monotonic()
         cancels = _run_all("Task.cancel", task_ids)
         stats = _run_all("Task.stat", task_ids)
@@ -141,7 +141,7 @@ def test_cancel_never_signals_a_non_worker(store, state_dir, monkeypatch, guarde
         assert run_bin("Task.cancel", {"dbg": "d", "id": bad.id}).error_name == "Task_corrupt"
         # The same identities straight at the signalling function.
         direct, raised = [], {}
-        for name, mark in zip(names, marks):
+        for name, mark in zip(names, task_marks):
             try:
                 direct.append(identity.signal_worker(forged[name], signal.SIGTERM, mark))
             except Exception as e:  # no signal was sent; see test_signal_worker_on_out_of_range_pid

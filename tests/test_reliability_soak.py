@@ -17,7 +17,6 @@ from collections import Counter
 
 import pytest
 
-import xapi_storage_tasks.tasks.store
 from conftest import BIN, ROOT, run_bin
 from faults import (
     OSProxy,
@@ -28,10 +27,11 @@ from faults import (
     leftovers,
     report,
     rng,
+    store_os,
     task_file_problems,
 )
 from ops import write_steps
-from xapi_storage_tasks.tasks import ids
+from xapi_storage_tasks.wire import ids
 from xapi_storage_tasks.process import identity
 from xapi_storage_tasks.tasks import api as task_api
 from xapi_storage_tasks.tasks import worker
@@ -287,11 +287,11 @@ def test_cancel_landing_while_the_task_is_marked_completed(state_dir, store, tmp
         return record.get("state", [None])[0] == "Completed"
 
     hook = SigtermOnWrite(completing, proof=str(proof))
-    xapi_storage_tasks.tasks.store.os = OSProxy(hook)
+    store_os(OSProxy(hook))
     try:
         tid = worker.start("complete-race", write_steps, {"path": str(out), "steps": 3, "delay": 0.01}, store=store)
     finally:
-        xapi_storage_tasks.tasks.store.os = os
+        store_os(os)
     assert identity.wait_gone(store.get(tid).worker, 10)
     state = store.get(tid).state
     report("cancel while marking Completed", trials=1, faults_injected=int(proof.exists()), final_state=state,

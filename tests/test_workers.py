@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import ROOT, run_bin
-from xapi_storage_tasks.tasks import lifecycle
+from xapi_storage_tasks.tasks import lifecycle, marks
 from xapi_storage_tasks.process import identity
 from xapi_storage_tasks.tasks import worker
 from xapi_storage_tasks.tasks.state import CANCELLED, Completed, Failed
@@ -243,7 +243,7 @@ def test_reused_pid_is_never_signalled(store):
             res = run_bin("Task.cancel", {"dbg": "d", "id": task.id})
             assert res.returncode == 0, (ident, res.stdout)
             assert bystander.poll() is None, "bystander was signalled for %r" % ident
-            assert identity.signal_worker(ident, signal.SIGTERM, store.mark(task.id)) is False
+            assert identity.signal_worker(ident, signal.SIGTERM, marks.file_id(store, task.id)) is False
         # The forged tasks are not left Pending: their "worker" is not theirs.
         for task_id in store.ids():
             if identity.identity() != store.get(task_id).worker:

@@ -128,10 +128,12 @@ def drain(store: Store, ctl: str, mirror: Mirror, timeout: float) -> Optional[st
         except PluginError:
             return None
     if not task.state.terminal:
-        ended = lifecycle.fail_unless_ended(store, mirror.task, "Mirror drain failed: its worker did not answer in time")
+        try:
+            task = lifecycle.fail_unless_ended(store, mirror.task, "Mirror drain failed: its worker did not answer in time")
+        except PluginError:
+            pass  # gone or busy: killing the worker below ends it all the same
         lifecycle.kill(store, mirror.task)
         abort(ctl, mirror)
-        task = ended if ended is not None else task
     if _succeeded(task.state):
         return None
     why = task.state.message if isinstance(task.state, Failed) else "it ended unexpectedly"

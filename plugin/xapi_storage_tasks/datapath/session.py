@@ -130,8 +130,11 @@ def detach_locked(vols: Volumes, key: str, domain: str) -> bool:
         if mirror is not None and (mirror.domain == domain or not record.domains):
             if mirrors.running_task(vols.store, mirror) is not None:
                 # Killing the worker cuts its connection: the job then ends at once.
-                lifecycle.fail_unless_ended(vols.store, mirror.task,
-                                            "Mirror failed: volume detached for domain %s while mirroring" % domain)
+                try:
+                    lifecycle.fail_unless_ended(vols.store, mirror.task,
+                                                "Mirror failed: volume detached for domain %s while mirroring" % domain)
+                except PluginError:
+                    pass  # gone or busy: killing the worker ends the mirror all the same
                 lifecycle.kill(vols.store, mirror.task)
             drop_mirror(vols, record, daemon)
         vols.save(record)

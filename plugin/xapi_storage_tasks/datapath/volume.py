@@ -19,22 +19,22 @@ The record is plain versioned JSON::
      "mirror": {"task": "<id>", "domain": "7", "job": "mirror-...", "node": "target-..."}}
 
 A domain maps to ``attached``, ``rw`` (active) or ``ro`` (active
-read-only). Writes go to a temporary sibling, are fsynced, renamed into
-place and the directory is fsynced (the store's rule), so a reader sees the
-old record or the new one whatever instant a writer dies at.
+read-only). Files are read and written as the store's are
+(:mod:`xapi_storage_tasks.files.jsonfile`), so a reader sees the old record
+or the new one whatever instant a writer dies at; the temporaries of
+writers killed midway are swept by the next call.
 """
 
-import contextlib
-import fcntl
 import hashlib
-import json
 import os
 import time
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 from xapi_storage_tasks import settings
 from xapi_storage_tasks.datapath.schemes import Volume
-from xapi_storage_tasks.tasks.store import Store, replace_file
+from xapi_storage_tasks.files import jsonfile
+from xapi_storage_tasks.files.lock import Held
+from xapi_storage_tasks.tasks.store import Store
 from xapi_storage_tasks.wire.errors import InternalError, InvalidArguments, VolumeBusy
 
 VERSION = 1
@@ -43,8 +43,6 @@ DEFAULT_LOCK_WAIT = 30.0
 MAX_RECORD = 1 << 20
 MAX_DOMAIN = 256
 STATES = ("attached", "rw", "ro")
-
-_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
 def key_of(path: str) -> str:
@@ -136,6 +134,7 @@ class Volumes:
         self.store = store
         self.fd: int = store.dir_fd(DIR)
         self.path = os.path.join(store.path, DIR)
+        jsonfile.sweep(self.fd)
 
     def file(self, key: str, suffix: str) -> str:
         """The absolute path of ``K.suffix`` (for qemu-storage-daemon)."""
@@ -150,31 +149,14 @@ class Volumes:
                 found.add(stem)
         return sorted(found)
 
-    @contextlib.contextmanager
-    def locked(self, key: str, wait: Optional[float] = None) -> Iterator[None]:
-        """Hold the volume's lock; wait at most ``wait`` seconds (default:
-        the setting) and raise VolumeBusy after that."""
+    def locked(self, key: str, wait: Optional[float] = None) -> Held:
+        """``with vols.locked(key):`` holds the volume's lock; waits at
+        most ``wait`` seconds (default: the setting), then VolumeBusy."""
         wait = settings.seconds(settings.DATAPATH_LOCK_WAIT, DEFAULT_LOCK_WAIT) if wait is None else wait
-        deadline, delay = time.monotonic() + wait, 0.002
-        while True:
-            fd = os.open(key + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                if time.monotonic() >= deadline:
-                    why = "another call on volume %s held it for more than %.0fs; try again" % (key, wait)
-                    raise VolumeBusy(why) from None
-                time.sleep(delay)
-                delay = min(delay * 2, 0.05)
-                continue
-            if os.fstat(fd).st_nlink:
-                break
-            os.close(fd)  # removed by the holder we waited for: take the new one
-        try:
-            yield
-        finally:
-            os.close(fd)
+        why = "another call on volume %s held it for more than %.0fs; try again" % (key, wait)
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        return Held(lambda: os.open(key + ".lock", flags, 0o600, dir_fd=self.fd), wait, lambda: VolumeBusy(why),
+                    cap=0.05)
 
     def release(self, key: str) -> None:
         """Under the lock of a volume nobody uses any more: remove its lock
@@ -185,29 +167,17 @@ class Volumes:
         """The JSON in file ``name`` of the directory, or None if absent;
         raise InternalError if it is unreadable."""
         try:
-            fd = os.open(name, _O_READ, dir_fd=self.fd)
+            return jsonfile.read_json(name, self.fd, MAX_RECORD)
         except FileNotFoundError:
             return None
-        try:
-            data = os.read(fd, MAX_RECORD + 1)
-        finally:
-            os.close(fd)
-        try:
-            if len(data) > MAX_RECORD:
-                raise ValueError("larger than %d bytes" % MAX_RECORD)
-            return json.loads(data.decode("utf-8"))
-        except ValueError as e:
+        except jsonfile.Unreadable as e:
             raise InternalError("%s in %s is unreadable: %s" % (name, self.path, e)) from None
 
     def write_json(self, name: str, obj: Any) -> None:
         """Replace file ``name`` atomically and durably with ``obj``."""
-        data = json.dumps(obj, separators=(",", ":")).encode()
-        tmp = "%s.tmp-%s" % (name, os.urandom(4).hex())
         try:
-            replace_file(data, tmp, self.fd, name, self.fd)
-            os.fsync(self.fd)
+            jsonfile.write_json(obj, name, self.fd, self.fd)
         except OSError as e:
-            self.unlink(tmp)
             raise InternalError("cannot write %s in %s: %s" % (name, self.path, e.strerror or e)) from None
 
     def unlink(self, name: str) -> None:
@@ -249,4 +219,4 @@ class Volumes:
     def queued_detaches(self, key: str) -> List[str]:
         """The names of the queued detach files of volume ``key``."""
         prefix = key + ".detach."
-        return sorted(n for n in os.listdir(self.fd) if n.startswith(prefix) and ".tmp-" not in n)
+        return sorted(n for n in os.listdir(self.fd) if n.startswith(prefix) and not jsonfile.is_temporary(n))

@@ -21,7 +21,7 @@ import time
 
 from xapi_storage_tasks import settings
 from xapi_storage_tasks.process import identity
-from xapi_storage_tasks.tasks import log, retention
+from xapi_storage_tasks.tasks import index, log, marks, retention, sweep
 from xapi_storage_tasks.tasks.state import CANCELLED, Failed
 from xapi_storage_tasks.wire.errors import InternalError, PluginError, TaskBusy, TaskCorrupt, TaskDoesNotExist
 
@@ -74,13 +74,11 @@ def fail_and_undo(store: Store, task: Task, message: str) -> State:
     return Failed(message)
 
 
-def fail_unless_ended(store: Store, task_id: str, message: str) -> Task | None:
-    """Fail the task with ``message`` (undoing its artifacts) unless it has
-    already ended; returns the task as it now is, None if it is gone."""
-    try:
-        return store.transition(task_id, lambda t: None if t.state.terminal else fail_and_undo(store, t, message))
-    except PluginError:
-        return None
+def fail_unless_ended(store: Store, task_id: str, message: str, wait: float | None = None) -> Task:
+    """Fail the task with ``message``, removing its artifacts, unless it
+    has already ended; returns the task as stored afterwards. Raises what
+    :meth:`~xapi_storage_tasks.tasks.store.Store.transition` raises."""
+    return store.transition(task_id, lambda t: None if t.state.terminal else fail_and_undo(store, t, message), wait)
 
 
 def kill(store: Store, task_id: str) -> bool:
@@ -93,7 +91,7 @@ def kill(store: Store, task_id: str) -> bool:
         task = store.get(task_id)
     except PluginError:
         return False
-    if task.worker is None or not identity.signal_worker(task.worker, signal.SIGKILL, store.mark(task_id)):
+    if task.worker is None or not identity.signal_worker(task.worker, signal.SIGKILL, marks.file_id(store, task_id)):
         return False
     identity.wait_gone(task.worker, 1.0)
     log.task_event(store, task, "worker pid %s killed: it did not end its operation in time" % task.worker.get("pid"))
@@ -108,7 +106,7 @@ def _vouched(store: Store, task: Task) -> bool:
     return (
         identity.matches(worker)
         and identity.refusal(worker) is None
-        and identity.holds(worker, store.mark(task.id))
+        and identity.holds(worker, marks.file_id(store, task.id))
     )
 
 
@@ -134,7 +132,7 @@ def _decide(store: Store) -> Callable[[Task], State | None]:
             log.task_event(store, task, "worker pid %d ignored SIGTERM for %.1fs: SIGKILL" % (worker["pid"], waited))
             import signal  # only where a signal is sent: it imports enum
 
-            identity.signal_worker(worker, signal.SIGKILL, store.mark(task.id))
+            identity.signal_worker(worker, signal.SIGKILL, marks.file_id(store, task.id))
             if not identity.wait_gone(worker, 2.0):
                 return None
         if task.cancel is not None:
@@ -174,7 +172,7 @@ def reconcile(store: Store, task_id: str) -> Task:
         log.task_event(store, task, "worker pid %d ignored SIGTERM for %.1fs: SIGKILL" % (worker["pid"], now - task.cancel))
         import signal
 
-        identity.signal_worker(worker, signal.SIGKILL, store.mark(task_id))
+        identity.signal_worker(worker, signal.SIGKILL, marks.file_id(store, task_id))
         identity.wait_gone(worker, 2.0)
     try:
         return store.transition(task_id, _decide(store))
@@ -185,17 +183,17 @@ def reconcile(store: Store, task_id: str) -> Task:
 
 def reconcile_pending(store: Store) -> None:
     """Reconcile every task marked Pending (for ``ls``); drop stale
-    markers and temporary files. Unreadable tasks are left for ``stat`` to
+    marks and temporary files. Unreadable tasks are left for ``stat`` to
     report."""
     retention.sweep(store)
-    store.sweep_tmp(START_TIMEOUT)
+    sweep.sweep_tmp(store, START_TIMEOUT)
     for task_id in store.pending_ids():
         try:
             task = reconcile(store, task_id)
             if task.state.terminal:
-                store.finished(task)
+                index.retire(store, task)
         except TaskDoesNotExist:
-            store.forget_stale_marker(task_id, START_TIMEOUT)
+            marks.forget_stale(store, task_id, START_TIMEOUT)
         except TaskCorrupt:
             pass
         except (InternalError, TaskBusy) as e:  # e.g. a full disk: still list what exists
@@ -226,7 +224,7 @@ def request_cancel(store: Store, task_id: str) -> Task:
         return task  # the worker honours it as soon as it records itself
     import signal
 
-    signalled = identity.signal_worker(task.worker, signal.SIGTERM, store.mark(task_id))
+    signalled = identity.signal_worker(task.worker, signal.SIGTERM, marks.file_id(store, task_id))
     outcome = "sent" if signalled else "not sent (worker gone, or not vouched for by the kernel)"
     log.task_event(store, task, "cancel requested: SIGTERM to pid %s %s" % (task.worker.get("pid"), outcome))
     if not signalled:

@@ -20,7 +20,7 @@ One plain, versioned JSON object per task (never pickle):
 
 from __future__ import annotations
 
-from xapi_storage_tasks.wire import codec
+from xapi_storage_tasks.tasks.state import from_wire
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing stays out of every call
@@ -68,6 +68,11 @@ class Task:
         """The operation's kind (``"CopyV1"``...) or None for a plain task."""
         return self.operation.get("kind") if self.operation else None
 
+    def to_wire(self) -> dict[str, Any]:
+        """The wire ``task`` record: ``{id, debug_info, ctime, state}``."""
+        return {"id": self.id, "debug_info": self.debug_info, "ctime": float(self.ctime),
+                "state": self.state.to_wire()}
+
     def to_disk(self) -> dict[str, Any]:
         """The JSON object written to the task's file."""
         return {
@@ -75,7 +80,7 @@ class Task:
             "id": self.id,
             "debug_info": self.debug_info,
             "ctime": self.ctime,
-            "state": codec.encode_state(self.state),
+            "state": self.state.to_wire(),
             "updated": self.updated,
             "operation": self.operation,
             "worker": self.worker,
@@ -109,7 +114,7 @@ class Task:
             obj["id"],
             obj["debug_info"],
             obj["ctime"],
-            codec.decode_state(obj.get("state")),
+            from_wire(obj.get("state")),
             updated=obj["updated"],
             operation=obj.get("operation"),
             worker=obj.get("worker"),

@@ -9,7 +9,8 @@ tasks forever), log included, by whichever call notices:
   ``destroy``) destroys it and answers ``Task_does_not_exist``;
 - every call (``ls`` too) also destroys up to :data:`PER_CALL` other
   expired tasks (:func:`sweep`). They are found through ``ended/``, where
-  each finished task has an entry in the bucket of its end time: the call
+  each ended task has an entry in the bucket of its end time
+  (:mod:`xapi_storage_tasks.tasks.index`): the call
   lists the bucket names (one per minute of end times still kept) and reads
   at most :data:`SCAN` entries, never the task files or the whole store.
 """
@@ -19,8 +20,7 @@ from __future__ import annotations
 import time
 
 from xapi_storage_tasks import settings
-from xapi_storage_tasks.tasks import log
-from xapi_storage_tasks.tasks.store import ENDED_WIDTH
+from xapi_storage_tasks.tasks import index, log
 from xapi_storage_tasks.wire.errors import PluginError, TaskBusy, TaskDoesNotExist, TaskInProgress
 
 TYPE_CHECKING = False
@@ -54,14 +54,14 @@ def sweep(store: Store) -> int:
         return 0
     removed = 0
     try:
-        for bucket, task_id in store.ended_before(int((time.time() - keep) // ENDED_WIDTH), SCAN):
+        for bucket, task_id in index.ended_before(store, index.bucket(time.time() - keep), SCAN):
             if removed >= PER_CALL:
                 break
             try:
                 store.destroy(task_id, wait=0, durable=False)
                 removed += 1
             except TaskDoesNotExist:
-                store.unindex(bucket, task_id)  # destroyed already: a stale entry
+                index.unindex(store, bucket, task_id)  # destroyed already: a stale entry
             except (TaskBusy, TaskInProgress):
                 continue
     except (OSError, PluginError) as e:

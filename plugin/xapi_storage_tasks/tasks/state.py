@@ -1,7 +1,8 @@
 """Task state: a small closed type and the table of allowed transitions.
 
 A task is ``Pending(progress)``, ``Completed(duration, result)`` or
-``Failed(message)``. Only :func:`xapi_storage_tasks.tasks.store.Store.transition` applies
+``Failed(message)``; each gives its wire value (``to_wire``, read back by
+:func:`from_wire`) and its Data status (``status``). Only :func:`xapi_storage_tasks.tasks.store.Store.transition` applies
 transitions, and it asks :func:`check` first.
 """
 
@@ -21,6 +22,23 @@ class State:
     terminal = False
 
     def _key(self) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def to_wire(self) -> list[Any]:
+        """The wire value: ``Pending(0.5)`` -> ``["Pending", 0.5]`` and so on."""
+        raise NotImplementedError
+
+    def status(self) -> dict[str, Any]:
+        """Data.stat's ``{failed, complete, progress}``.
+
+        ``complete`` is true only for Completed and ``failed`` only for
+        Failed, so a failed task never claims ``complete`` (the toolstack
+        checks it first). ``progress`` is a float while Pending (1.0 once
+        Completed) and is left out of a Failed task's status (the
+        interface's option: the key omitted, never null): a failed
+        operation has no progress to report, and answering 0.0 would make
+        its progress go back.
+        """
         raise NotImplementedError
 
     def __eq__(self, other: object) -> bool:
@@ -47,6 +65,12 @@ class Pending(State):
     def _key(self) -> tuple[Any, ...]:
         return (self.progress,)
 
+    def to_wire(self) -> list[Any]:
+        return ["Pending", float(self.progress)]
+
+    def status(self) -> dict[str, Any]:
+        return {"failed": False, "complete": False, "progress": float(self.progress)}
+
 
 class Completed(State):
     """Finished successfully after ``duration`` seconds.
@@ -68,6 +92,15 @@ class Completed(State):
     def _key(self) -> tuple[Any, ...]:
         return (self.duration, repr(self.result))
 
+    def to_wire(self) -> list[Any]:
+        completion: dict[str, Any] = {"duration": float(self.duration)}
+        if self.result is not None:
+            completion["result"] = self.result
+        return ["Completed", completion]
+
+    def status(self) -> dict[str, Any]:
+        return {"failed": False, "complete": True, "progress": 1.0}
+
 
 class Failed(State):
     """Finished unsuccessfully; ``message`` says why (``Cancelled`` for a
@@ -81,6 +114,31 @@ class Failed(State):
 
     def _key(self) -> tuple[Any, ...]:
         return (self.message,)
+
+    def to_wire(self) -> list[Any]:
+        return ["Failed", self.message]
+
+    def status(self) -> dict[str, Any]:
+        return {"failed": True, "complete": False}
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def from_wire(value: object) -> State:
+    """Inverse of ``to_wire``; tags are matched case-insensitively as the
+    OCaml reader does. Raises ValueError on anything else."""
+    if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)):
+        raise ValueError("state is not a [tag, contents] pair")
+    tag, contents = value[0].lower(), value[1]
+    if tag == "pending" and _is_number(contents):
+        return Pending(contents)
+    if tag == "completed" and isinstance(contents, dict) and _is_number(contents.get("duration")):
+        return Completed(contents["duration"], contents.get("result"))
+    if tag == "failed" and isinstance(contents, str):
+        return Failed(contents)
+    raise ValueError("unknown task state %r" % (value,))
 
 
 CANCELLED = "Cancelled"

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Iterator, Optional
 
 from xapi_storage_tasks.process import identity
 from xapi_storage_tasks.process.spawn import Readiness, spawn
-from xapi_storage_tasks.tasks import lifecycle, log
+from xapi_storage_tasks.tasks import lifecycle, log, marks
 from xapi_storage_tasks.tasks.record import Task
 from xapi_storage_tasks.tasks.reserve import Reserve
 from xapi_storage_tasks.tasks.state import CANCELLED, Completed, Pending, State, TransitionRefused
@@ -290,7 +290,7 @@ def _work(path: str, task_id: str, func: Operation, args: Dict[str, Any], readin
     try:
         # Held open until this process ends: the kernel's proof, for any
         # canceller, that this process is the task's worker.
-        mark = store.hold_mark(task_id)
+        mark = marks.hold(store, task_id)
     except TaskInProgress:
         return  # another worker already runs this task
     ident = identity.identity()

@@ -3,7 +3,9 @@
 Pure functions only (no files, no sockets), so every rule of the calling
 convention lives here and is tested in isolation: floats stay floats,
 variants are ``["Tag", contents]``, unit results are ``["UnitResult",
-null]``, and the error record always has every field. The convention is
+null]``, and the error record always has every field. (A task and its
+state give their own wire shapes: ``to_wire`` and ``status`` in
+:mod:`xapi_storage_tasks.tasks`, the layer above.) The convention is
 the one of xapi's storage interface definitions (``task.ml``, ``data.ml``
 and ``common.ml`` in xapi's ``ocaml/xapi-storage``) as
 ``xapi-storage-script`` and the ``rpc-light`` JSON marshaller speak it;
@@ -14,61 +16,15 @@ code the plugin answers with.
 
 from __future__ import annotations
 
-from xapi_storage_tasks.tasks import ids
-from xapi_storage_tasks.tasks.state import Completed, Failed, Pending
-from xapi_storage_tasks.wire import jsontext
+from xapi_storage_tasks.wire import ids, jsontext
 from xapi_storage_tasks.wire.errors import CODE, InvalidArguments
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # no run-time cost: typing stays out of every call
     from collections.abc import Callable, Iterable
 
-    from xapi_storage_tasks.tasks.record import Task
-
 Json = object
 """Any JSON value (the recursive type is not worth spelling out)."""
-
-# -- task state and record ---------------------------------------------------
-
-
-def encode_state(state: object) -> list[object]:
-    """``Pending(0.5)`` -> ``["Pending", 0.5]`` and so on."""
-    if isinstance(state, Pending):
-        return ["Pending", float(state.progress)]
-    if isinstance(state, Completed):
-        completion: dict[str, object] = {"duration": float(state.duration)}
-        if state.result is not None:
-            completion["result"] = state.result
-        return ["Completed", completion]
-    if isinstance(state, Failed):
-        return ["Failed", state.message]
-    raise TypeError("not a task state: %r" % (state,))
-
-
-def decode_state(value: Json) -> Pending | Completed | Failed:
-    """Inverse of :func:`encode_state`; tags are matched case-insensitively
-    as the OCaml reader does. Raises ValueError on anything else."""
-    if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)):
-        raise ValueError("state is not a [tag, contents] pair")
-    tag, contents = value[0].lower(), value[1]
-    if tag == "pending" and _is_number(contents):
-        return Pending(contents)
-    if tag == "completed" and isinstance(contents, dict) and _is_number(contents.get("duration")):
-        return Completed(contents["duration"], contents.get("result"))
-    if tag == "failed" and isinstance(contents, str):
-        return Failed(contents)
-    raise ValueError("unknown task state %r" % (value,))
-
-
-def encode_task(task: Task) -> dict[str, object]:
-    """The wire ``task`` record: ``{id, debug_info, ctime, state}``."""
-    return {
-        "id": task.id,
-        "debug_info": task.debug_info,
-        "ctime": float(task.ctime),
-        "state": encode_state(task.state),
-    }
-
 
 UNIT_RESULT = ["UnitResult", None]
 
@@ -80,23 +36,6 @@ OPERATION_TAGS = ("CopyV1", "MirrorV1")
 def encode_operation(kind: str, task_id: str) -> list[str]:
     """``["CopyV1", id]``."""
     return [kind, task_id]
-
-
-def encode_status(state: object) -> dict[str, object]:
-    """Data.stat's ``{failed, complete, progress}`` for a task state.
-
-    ``complete`` is true only for Completed and ``failed`` only for Failed,
-    so a failed task never claims ``complete`` (the toolstack checks it
-    first). ``progress`` is a float while Pending (1.0 once Completed) and
-    is left out of a Failed task's status (the interface's option: the key
-    omitted, never null): a failed operation has no progress to report,
-    and answering 0.0 would make its progress go back.
-    """
-    if isinstance(state, Pending):
-        return {"failed": False, "complete": False, "progress": float(state.progress)}
-    if isinstance(state, Completed):
-        return {"failed": False, "complete": True, "progress": 1.0}
-    return {"failed": True, "complete": False}
 
 
 # -- request parameters --------------------------------------------------------
@@ -295,8 +234,8 @@ def encode_error_response(record: dict, request_id: Json, v2: bool, code: int | 
 def encode_result(kind: str, value: object) -> Json:
     """Encode a method's return value by the result kind its registry
     entry names."""
-    if kind == "task":
-        return encode_task(value)  # type: ignore[arg-type]
+    if kind in ("task", "status"):  # a task or its state: they know their wire shapes
+        return value.to_wire() if kind == "task" else value.status()  # type: ignore[attr-defined]
     if kind == "unit":
         return None
     if kind == "id_list":
@@ -305,8 +244,6 @@ def encode_result(kind: str, value: object) -> Json:
         return encode_operation(*value)  # type: ignore[misc]
     if kind == "operation_list":
         return [encode_operation(k, i) for k, i in value]  # type: ignore[attr-defined]
-    if kind == "status":
-        return encode_status(value)
     if kind in ("query", "attach"):  # records built to the wire's shape by their method
         return dict(value)  # type: ignore[call-overload]
     if kind == "string":
