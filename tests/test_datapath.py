@@ -5,6 +5,7 @@ stdin without a newline), with real qemu-storage-daemons."""
 import fcntl
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -46,6 +47,15 @@ def volumes(state_dir):
     midway must not leak qemu-storage-daemons)."""
     yield state_dir / "volumes"
     kill_leftover_daemons(str(state_dir / "volumes"))
+
+
+def wrap_daemon(tmp_path, monkeypatch, before="", options=""):
+    """Make the plugin run qemu-storage-daemon through a shell script that
+    runs ``before``, then execs the daemon (same pid) with ``options`` added."""
+    wrapper = tmp_path / "qsd-wrapper"
+    wrapper.write_text("#!/bin/sh\n%s\nexec %s %s \"$@\"\n" % (before, shutil.which("qemu-storage-daemon"), options))
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("TASK_QEMU_STORAGE_DAEMON", str(wrapper))
 
 
 def dp(method, uri, domain, **env):
@@ -273,3 +283,71 @@ def test_detach_never_fails_even_with_an_unusable_state_dir(tmp_path, monkeypatc
     assert res.returncode == 0 and res.stdout == b"null\n"
     assert b"could not be recorded" in res.stderr
     assert dp("attach", uri, "7").error_name == "State_directory_invalid"
+
+
+# -- starting a daemon: why it failed, a caller killed midway -------------------------------
+
+
+def test_a_daemon_that_cannot_exec_says_why_in_the_error_and_the_log(state_dir, volumes, tmp_path, monkeypatch, uri):
+    bogus = tmp_path / "qsd-not-a-program"
+    bogus.write_bytes(b"\x7fELF but not a program")
+    bogus.chmod(0o755)
+    monkeypatch.setenv("TASK_QEMU_STORAGE_DAEMON", str(bogus))
+    res = dp("attach", uri, "7")
+    assert res.error_name == "Storage_daemon_failed"
+    reason = "cannot run %s: Exec format error" % bogus
+    assert reason in res.json["params"][1] and reason in res.stderr.decode()
+    assert reason in (state_dir / "logs" / "store.log").read_text()
+    assert daemons(volumes) == [] and not list(volumes.glob("*.log"))
+
+
+def test_an_attach_killed_while_its_daemon_starts_leaves_nothing_taken_for_a_lost_daemon(state_dir, volumes, uri,
+                                                                                        tmp_path, monkeypatch):
+    """kill -9 of Datapath.attach at random instants around its daemon's
+    start; the next attach always serves (never Storage_daemon_lost), and
+    many kills landed while the daemon was starting (recorded, never seen
+    serving). The daemon takes 0.2s more to start, as on a loaded host."""
+    wrap_daemon(tmp_path, monkeypatch, before="sleep 0.2")
+    rng = random.Random(os.environ.get("RELIABILITY_SEED", "qsd-start"))
+    params = json.dumps({"dbg": "t", "uri": uri, "domain": "7"}).encode()
+
+    def attach_in_background():
+        proc = subprocess.Popen([os.path.join(BIN, "Datapath.attach"), "--json"], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc.stdin.write(params)
+        proc.stdin.close()
+        return proc
+
+    # When, in an attach, its daemon is recorded and when it is seen
+    # serving: most kills land in that span, some just before it.
+    t0, proc = time.monotonic(), attach_in_background()
+    recorded = served = None
+    while proc.poll() is None or served is None:
+        records = [json.loads(p.read_text()) for p in volumes.glob("*.qsd")]
+        if recorded is None and records:
+            recorded = time.monotonic() - t0
+        if served is None and any(r["served"] for r in records):
+            served = time.monotonic() - t0
+        time.sleep(0.001)
+    assert proc.returncode == 0 and recorded is not None
+    assert dp("detach", uri, "7").stdout == b"null\n"
+    mid_start, deadline = 0, time.monotonic() + 120
+    for trial in range(30):
+        assert time.monotonic() < deadline, "only %d trials in 120s" % trial
+        proc = attach_in_background()
+        time.sleep(rng.uniform(recorded - 0.03, served))
+        proc.kill()  # our own child, not yet reaped: its pid cannot be reused
+        proc.wait()
+        records = [json.loads(p.read_text()) for p in volumes.glob("*.qsd")]
+        mid_start += proc.returncode == -signal.SIGKILL and any(not r["served"] for r in records)
+        res = dp("attach", uri, "7")
+        assert res.returncode == 0, res.stdout
+        sock, export = nbd_address(res.json)
+        with Client.connect("nbd+unix:///%s?socket=%s" % (export, sock)) as client:
+            assert client.pread(4096, 0) == b"\xa5" * 4096
+        (daemon,) = daemons(volumes)
+        assert dp("detach", uri, "7").stdout == b"null\n"
+        assert identity.wait_gone(daemon, 10)
+        assert [n for n in os.listdir(volumes) if ".json" not in n] == []  # no daemon file left
+    assert mid_start >= 10, "only %d of 30 kills landed while the daemon was starting (recorded at %.3fs, served at %.3fs)" \
+        % (mid_start, recorded, served)

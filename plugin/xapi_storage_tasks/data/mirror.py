@@ -106,7 +106,7 @@ def start(dbg: str, uri: str, domain: str, remote: str) -> str:
                     return running.id
                 raise VolumeInUse("volume %s is already being mirrored by task %s" % (uri, running.id))
             if record.mirror is not None and orphaned(store, record.mirror):
-                abort(daemon["ctl"], record.mirror)  # its worker was lost: end its job first
+                abort(daemon.ctl, record.mirror)  # its worker was lost: end its job first
             suffix = "%x" % time.time_ns()
             job, node = "mirror-" + suffix, "target-" + suffix
             target: Dict[str, Any] = {"driver": "nbd", "node-name": node, "export": address.export, "reconnect-delay": 0}
@@ -114,7 +114,7 @@ def start(dbg: str, uri: str, domain: str, remote: str) -> str:
                 target["server"] = {"type": "unix", "path": address.socket_path}
             else:
                 target["server"] = {"type": "inet", "host": address.host, "port": str(address.port)}
-            args = {"qmp": daemon["qmp"], "job": job, "target": target, "remote": remote, "uri": uri}
+            args = {"qmp": daemon.qmp, "job": job, "target": target, "remote": remote, "uri": uri}
             # The record names the task before its worker exists: killed
             # here, the task is reconciled as lost and the record with it.
             task = store.create(dbg, operation={"kind": KIND, "func": FUNC, "args": args})

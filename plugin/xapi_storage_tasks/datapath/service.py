@@ -30,7 +30,7 @@ from xapi_storage_tasks.datapath import qsd, schemes
 from xapi_storage_tasks.datapath.volume import Record, Volumes, check_domain, key_of
 from xapi_storage_tasks.tasks import log
 from xapi_storage_tasks.tasks.store import Store
-from xapi_storage_tasks.wire.errors import InvalidArguments, NotAttached, PluginError, VolumeBusy, VolumeInUse
+from xapi_storage_tasks.wire.errors import DaemonFailed, InvalidArguments, NotAttached, PluginError, VolumeBusy, VolumeInUse
 
 NAME = "xapi-storage-tasks"
 FINISH_WAIT = 600.0  # how long a queued detach waits for a busy volume
@@ -139,13 +139,24 @@ class _Locked:
             raise VolumeInUse("image %s is in use as %s" % (self.vol.path, record.uri))
         return record
 
-    def serving(self) -> Dict[str, Any]:
-        """The live daemon of the volume, started if none runs; a daemon
-        that died is reported (and forgotten, so the next call starts anew)."""
+    def serving(self) -> qsd.StorageDaemon:
+        """The live daemon of the volume, started if none runs. A daemon
+        that served and died is reported (and forgotten, so the next call
+        starts anew); one never seen serving (its starter died midway) is
+        finished or cleared silently: nobody was given its export."""
         daemon = qsd.load(self.vols, self.key)
+        if daemon is not None and not daemon.served:
+            pid = daemon.identity.get("pid")
+            daemon = qsd.finish_start(self.vols, self.key, daemon)
+            _log(self.store, "a start of qemu-storage-daemon pid %s for %s was interrupted: %s", pid, self.vol.uri,
+                 "cleared" if daemon is None else "it serves")
         if daemon is None:
-            daemon = qsd.start(self.vols, self.record())
-            _log(self.store, "started qemu-storage-daemon pid %d for %s", daemon["identity"]["pid"], self.vol.uri)
+            try:
+                daemon = qsd.start(self.vols, self.record())
+            except DaemonFailed as e:
+                _log(self.store, "%s", e)
+                raise
+            _log(self.store, "started qemu-storage-daemon pid %d for %s", daemon.identity["pid"], self.vol.uri)
         elif not qsd.alive(daemon):
             error = qsd.lost(self.vols, self.key, daemon)
             _log(self.store, "%s", error)
@@ -200,9 +211,9 @@ def _finish_queued(path: str, key: str) -> None:
 # -- Datapath.* ---------------------------------------------------------------------------
 
 
-def nbd_uri(daemon: Dict[str, Any]) -> str:
+def nbd_uri(daemon: qsd.StorageDaemon) -> str:
     """The Nbd implementation's URI, in the exact form the toolstack parses."""
-    return "nbd:unix:%s:exportname=%s" % (daemon["nbd"], daemon["export"])
+    return "nbd:unix:%s:exportname=%s" % (daemon.nbd, daemon.export)
 
 
 def attach(dbg: str, uri: str, domain: str) -> Dict[str, Any]:
@@ -265,7 +276,7 @@ def deactivate(dbg: str, uri: str, domain: str) -> None:
         mirror = record.mirror
         if mirror is not None and mirror["domain"] == domain and daemon is not None and mirrors.running_task(v.store, mirror):
             started = time.monotonic()
-            problem = mirrors.drain(v.store, daemon["ctl"], mirror, mirrors.drain_timeout())
+            problem = mirrors.drain(v.store, daemon.ctl, mirror, mirrors.drain_timeout())
             _log(v.store, "deactivate of %s for domain %s: mirror task %s %s after %.3fs", uri, domain,
                  mirror["task"], "not drained: " + problem if problem else "drained", time.monotonic() - started)
         if record.mirror is not None and mirrors.running_task(v.store, record.mirror) is None:
@@ -284,7 +295,7 @@ def deactivate(dbg: str, uri: str, domain: str) -> None:
             raise MirrorFailed(problem)
 
 
-def _flush(daemon: Dict[str, Any]) -> None:
+def _flush(daemon: qsd.StorageDaemon) -> None:
     """Flush the volume: NBD_CMD_FLUSH through its export makes
     qemu-storage-daemon write back everything acknowledged so far."""
     from xapi_storage_tasks.nbd.protocol import Client, Timeouts
@@ -292,7 +303,7 @@ def _flush(daemon: Dict[str, Any]) -> None:
 
     # Bounded: deactivate sits in the migration's downtime window.
     timeouts = Timeouts(connect=10.0, handshake=10.0, io=30.0, flush=30.0)
-    with Client.connect(Address(daemon["nbd"], None, 0, daemon["export"]), timeouts) as client:
+    with Client.connect(Address(daemon.nbd, None, 0, daemon.export), timeouts) as client:
         client.flush()
 
 
@@ -350,7 +361,7 @@ def _detach_locked(vols: Volumes, key: str, domain: str) -> bool:
             if mirrors.running_task(vols.store, mirror) is not None:
                 _fail_mirror(vols.store, mirror, "Mirror failed: volume detached for domain %s while mirroring" % domain)
                 if daemon is not None and qsd.alive(daemon):
-                    mirrors.abort(daemon["ctl"], mirror)
+                    mirrors.abort(daemon.ctl, mirror)
                 record.mirror = None
             else:
                 _drop_mirror(vols, record, daemon)
@@ -362,13 +373,13 @@ def _detach_locked(vols: Volumes, key: str, domain: str) -> bool:
     elif daemon is not None:
         if not qsd.stop(vols, key, daemon):
             return False
-        _log(vols.store, "stopped qemu-storage-daemon pid %s of %s", daemon["identity"]["pid"], daemon.get("uri"))
+        _log(vols.store, "stopped qemu-storage-daemon pid %s of %s", daemon.identity["pid"], daemon.uri)
     if not vols.queued_detaches(key):
         vols.release(key)
     return True
 
 
-def _drop_mirror(vols: Volumes, record: Record, daemon: Optional[Dict[str, Any]]) -> None:
+def _drop_mirror(vols: Volumes, record: Record, daemon: Optional[qsd.StorageDaemon]) -> None:
     """Forget a volume's finished mirror. One whose worker was lost may
     have left its job running in the daemon (see mirror.orphaned): that
     job is ended first."""
@@ -376,7 +387,7 @@ def _drop_mirror(vols: Volumes, record: Record, daemon: Optional[Dict[str, Any]]
 
     if record.mirror is not None and daemon is not None and qsd.alive(daemon) and mirrors.orphaned(vols.store, record.mirror):
         _log(vols.store, "ending the job of mirror task %s, which its worker did not end", record.mirror["task"])
-        mirrors.abort(daemon["ctl"], record.mirror)
+        mirrors.abort(daemon.ctl, record.mirror)
     record.mirror = None
 
 
