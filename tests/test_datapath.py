@@ -351,3 +351,28 @@ def test_an_attach_killed_while_its_daemon_starts_leaves_nothing_taken_for_a_los
         assert [n for n in os.listdir(volumes) if ".json" not in n] == []  # no daemon file left
     assert mid_start >= 10, "only %d of 30 kills landed while the daemon was starting (recorded at %.3fs, served at %.3fs)" \
         % (mid_start, recorded, served)
+
+
+# -- what a daemon may open: one daemon per image, a vetted backing chain ---------------------
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_a_second_state_directory_cannot_serve_an_image_already_served(state_dir, volumes, tmp_path, monkeypatch, fmt):
+    image = tmp_path / ("disk." + fmt)
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(image), "8M"], check=True)
+    uri = "%s+file://%s" % (fmt, image)
+    assert dp("attach", uri, "7").returncode == 0
+    (first,) = daemons(volumes)
+    other = tmp_path / "other-state"
+    try:
+        res = dp("attach", uri, "7", TASK_STATE_DIR=str(other))
+        assert res.error_name == "Storage_daemon_failed"
+        assert "another qemu-storage-daemon holds its lock" in res.json["params"][1]
+        assert daemons(other / "volumes") == [] and identity.matches(first)
+        # The lock goes with the daemon that held it.
+        assert dp("detach", uri, "7").stdout == b"null\n"
+        assert identity.wait_gone(first, 10)
+        assert dp("attach", uri, "7", TASK_STATE_DIR=str(other)).returncode == 0
+        assert dp("detach", uri, "7", TASK_STATE_DIR=str(other)).stdout == b"null\n"
+    finally:
+        kill_leftover_daemons(str(other / "volumes"))

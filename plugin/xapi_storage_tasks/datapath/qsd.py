@@ -23,12 +23,22 @@ caller died, and is finished or cleared silently by the next call
 the recorded identity, verified first
 (:mod:`xapi_storage_tasks.process.identity`).
 
+Before its exec the daemon takes an OFD write lock on byte
+:data:`LOCK_BYTE` of its image and holds it for its whole life (the kernel
+drops it when the daemon dies): a second daemon on the same image (another
+state directory, or one wiped while its daemon runs) is refused. QEMU's
+own image lock cannot do it for raw images: the NBD export shares every
+permission and the raw driver passes them through to the file, so two
+daemons writing one raw file do not conflict for QEMU (qcow2 does not
+share writes of its file, for its metadata).
 """
 
+import fcntl
 import json
 import os
 import shutil
 import signal
+import struct
 import time
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
@@ -44,6 +54,7 @@ STOP_GRACE = 5.0
 NODE = "vol"  # the node the export serves and mirrors read from
 SUN_PATH_MAX = 107  # bytes in sockaddr_un.sun_path, less the terminating NUL
 FILES = ("qsd", "pid", "nbd", "qmp", "ctl", "log")
+LOCK_BYTE = 300  # QEMU's image locks use bytes 100-104 and 200-204: this one is ours alone
 
 
 class StorageDaemon(NamedTuple):
@@ -174,13 +185,26 @@ def lost(vols: Volumes, key: str, daemon: StorageDaemon) -> DaemonLost:
                       % (daemon.uri, daemon.identity.get("pid"), ": " + why if why else ""))
 
 
+def _lock_image(path: str) -> None:
+    """Take the image's lock (byte LOCK_BYTE, OFD write lock) on a
+    descriptor the daemon inherits, so it holds the lock until it dies."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("@hhqqi0q", fcntl.F_WRLCK, os.SEEK_SET, LOCK_BYTE, 1, 0))
+    except (BlockingIOError, PermissionError):
+        raise RuntimeError("image %s is in use: another qemu-storage-daemon holds its lock (byte %d of the file)"
+                           % (path, LOCK_BYTE)) from None
+    os.set_inheritable(fd, True)
+
+
 def _become_daemon(store_path: str, record: Record, args: List[str], readiness: Readiness) -> None:
-    """In the detached process: record ourselves, then
+    """In the detached process: lock the image, record ourselves, then
     exec the daemon; any failure's reason goes to the starter (spawn)."""
     from xapi_storage_tasks.tasks.store import Store
 
     store = Store(store_path)
     vols = Volumes(store)
+    _lock_image(record.path)
     paths = sockets(vols, record.key)
     ident = identity.identity()
     assert ident is not None  # this process is alive
