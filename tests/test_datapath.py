@@ -376,3 +376,68 @@ def test_a_second_state_directory_cannot_serve_an_image_already_served(state_dir
         assert dp("detach", uri, "7", TASK_STATE_DIR=str(other)).stdout == b"null\n"
     finally:
         kill_leftover_daemons(str(other / "volumes"))
+
+
+def qcow2_over(path, backing, backing_fmt):
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", backing_fmt, "-b", backing, str(path), "8M"],
+                   check=True)
+    return "qcow2+file://%s" % path
+
+
+def test_a_backing_file_outside_the_image_directory_is_refused(state_dir, volumes, tmp_path):
+    (tmp_path / "sr").mkdir()
+    uri = qcow2_over(tmp_path / "sr" / "top.qcow2", "/etc/hostname", "raw")
+    res = dp("attach", uri, "7")
+    assert res.error_name == "Invalid_arguments"
+    assert "resolves to /etc/hostname, outside the image's directory" in res.json["params"][1]
+    assert daemons(volumes) == [] and not list(volumes.glob("*.log"))
+
+
+def test_a_backing_symlink_escaping_the_image_directory_is_refused(state_dir, volumes, tmp_path):
+    sr, elsewhere = tmp_path / "sr", tmp_path / "elsewhere"
+    sr.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "secret.raw").write_bytes(b"secret" * 1000)
+    (sr / "base.raw").symlink_to(elsewhere / "secret.raw")
+    uri = qcow2_over(sr / "top.qcow2", "base.raw", "raw")
+    res = dp("attach", uri, "7")
+    assert res.error_name == "Invalid_arguments"
+    assert "resolves to %s, outside the image's directory" % (elsewhere / "secret.raw") in res.json["params"][1]
+    assert daemons(volumes) == []
+
+
+def test_a_backing_file_without_an_explicit_format_is_refused(state_dir, volumes, tmp_path):
+    (tmp_path / "base.raw").write_bytes(b"\0" * 65536)
+    top = tmp_path / "top.qcow2"
+    uri = qcow2_over(top, "base.raw", "raw")
+    data = top.read_bytes()
+    assert data.count(b"\xe2\x79\x2a\xca") == 1  # the backing format header extension...
+    top.write_bytes(data.replace(b"\xe2\x79\x2a\xca", b"\x00\x00\x0b\xad"))  # ...made one QEMU ignores
+    res = dp("attach", uri, "7")
+    assert res.error_name == "Invalid_arguments"
+    assert "names no backing format" in res.json["params"][1]
+    assert daemons(volumes) == []
+
+
+def test_a_two_level_chain_in_the_image_directory_is_served_and_only_it_is_opened(state_dir, volumes, tmp_path):
+    sr = tmp_path / "sr"
+    sr.mkdir()
+    base, mid, top = sr / "base.raw", sr / "mid.qcow2", sr / "top.qcow2"
+    with open(base, "wb") as f:
+        f.truncate(8 << 20)
+        f.write(b"B" * 65536)
+    qcow2_over(mid, "base.raw", "raw")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x4d 65536 65536", str(mid)], check=True,
+                   capture_output=True)
+    uri = qcow2_over(top, "mid.qcow2", "qcow2")
+    res = dp("attach", uri, "7")
+    assert res.returncode == 0, res.stdout
+    sock, export = nbd_address(res.json)
+    out = tmp_path / "read.raw"
+    subprocess.run(["nbdcopy", "nbd+unix:///%s?socket=%s" % (export, sock), str(out)], check=True, timeout=30)
+    data = out.read_bytes()
+    assert data[:65536] == b"B" * 65536 and data[65536:131072] == b"M" * 65536 and data[131072:] == bytes(len(data) - 131072)
+    (daemon,) = daemons(volumes)
+    opened = {os.path.realpath("/proc/%d/fd/%s" % (daemon["pid"], fd)) for fd in os.listdir("/proc/%d/fd" % daemon["pid"])}
+    assert {str(p) for p in (base, mid, top)} == {p for p in opened if p.startswith(str(sr) + "/")}
+    assert dp("detach", uri, "7").stdout == b"null\n"

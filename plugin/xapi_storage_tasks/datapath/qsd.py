@@ -43,6 +43,7 @@ import time
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from xapi_storage_tasks import settings
+from xapi_storage_tasks.datapath import chain
 from xapi_storage_tasks.datapath.volume import Record, Volumes
 from xapi_storage_tasks.process import identity
 from xapi_storage_tasks.process.spawn import Readiness, spawn
@@ -119,10 +120,10 @@ def sockets(vols: Volumes, key: str) -> Dict[str, str]:
 
 
 def argv(vols: Volumes, record: Record) -> List[str]:
-    """The daemon's command line for the volume."""
+    """The daemon's command line for the volume: its vetted chain pinned
+    (InvalidArguments if the image references what it must not)."""
     paths = sockets(vols, record.key)
-    blockdev = {"driver": record.driver, "node-name": NODE,
-                "file": {"driver": "file", "filename": record.path, "aio": "threads"}}
+    blockdev = chain.blockdev(chain.vet(record.path, record.driver), NODE)
     export = {"type": "nbd", "id": "exp0", "node-name": NODE, "name": record.key, "writable": True}
     return [
         binary(),
