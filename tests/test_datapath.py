@@ -118,7 +118,11 @@ def test_plugin_query_names_the_scheme_of_its_directory(state_dir, tmp_path, sch
 # -- attach, activate, deactivate, detach ---------------------------------------------------
 
 
-def test_attach_answers_an_nbd_export_that_serves_the_volume(state_dir, volumes, image, uri):
+def test_attach_serves_the_volume_and_deactivate_flushes_it_through_the_export(state_dir, volumes, image, uri,
+                                                                             tmp_path, monkeypatch):
+    # The daemon traces every NBD request it decodes to its log: the
+    # deactivate's flush must reach it.
+    wrap_daemon(tmp_path, monkeypatch, options="--trace nbd_co_receive_request_decode_type")
     res = dp("attach", uri, "7")
     assert res.returncode == 0, res.stdout
     sock, export = nbd_address(res.json)
@@ -128,7 +132,10 @@ def test_attach_answers_an_nbd_export_that_serves_the_volume(state_dir, volumes,
         assert client.size == SIZE
         assert client.pread(4096, 0) == b"\xa5" * 4096
         client.pwrite(b"guest data" * 100, 1 << 20)
-    assert dp("deactivate", uri, "7").stdout == b"null\n"  # flushes
+    (log,) = volumes.glob("*.log")
+    flushes = log.read_text().count("(flush)")
+    assert dp("deactivate", uri, "7").stdout == b"null\n"
+    assert log.read_text().count("(flush)") == flushes + 1  # the deactivate's flush reached the daemon
     with open(image, "rb") as f:
         f.seek(1 << 20)
         assert f.read(1000) == b"guest data" * 100
