@@ -448,3 +448,14 @@ def test_a_two_level_chain_in_the_image_directory_is_served_and_only_it_is_opene
     opened = {os.path.realpath("/proc/%d/fd/%s" % (daemon["pid"], fd)) for fd in os.listdir("/proc/%d/fd" % daemon["pid"])}
     assert {str(p) for p in (base, mid, top)} == {p for p in opened if p.startswith(str(sr) + "/")}
     assert dp("detach", uri, "7").stdout == b"null\n"
+
+
+def test_a_backing_chain_that_loops_is_refused(state_dir, volumes, tmp_path):
+    (tmp_path / "base.raw").write_bytes(b"\0" * 65536)
+    qcow2_over(tmp_path / "b.qcow2", "base.raw", "raw")
+    uri = qcow2_over(tmp_path / "a.qcow2", "b.qcow2", "qcow2")
+    subprocess.run(["qemu-img", "rebase", "-u", "-F", "qcow2", "-b", "a.qcow2", str(tmp_path / "b.qcow2")], check=True)
+    res = dp("attach", uri, "7")
+    assert res.error_name == "Invalid_arguments"
+    assert "loops through %s" % (tmp_path / "a.qcow2") in res.json["params"][1]
+    assert daemons(volumes) == []

@@ -47,7 +47,7 @@ def _read_header(path: str) -> _Header:
     try:
         with open(path, "rb") as f:
             head = f.read(104)
-            if head[:4] != _MAGIC or len(head) < 72:
+            if head[:4] != _MAGIC or len(head) < 104:  # any real qcow2 file is longer than its v3 header
                 raise InvalidArguments("%s is not a qcow2 image" % path)
             version, backing_offset, backing_size, cluster_bits = struct.unpack(">IQII", head[4:24])
             if version not in (2, 3) or not 9 <= cluster_bits <= _MAX_CLUSTER_BITS:

@@ -239,7 +239,7 @@ def start(vols: Volumes, record: Record) -> StorageDaemon:
     if not started or daemon is None:
         forget(vols, record.key)
         raise DaemonFailed("qemu-storage-daemon for %s could not be started: %s"
-                           % (record.uri, why or "its starter exited without a word"))
+                           % (record.uri, why or "it exited before its exec without a word"))
     return _until_serving(vols, record.key, daemon, deadline)
 
 
