@@ -12,6 +12,7 @@ checks that every task file is whole, bystander processes, and running a
 method through the executables' own code path in a forked child.
 """
 
+import contextlib
 import errno
 import io
 import json
@@ -74,9 +75,33 @@ def rng():
     return random.Random(seed)
 
 
-def report(name, **counts):
-    """Print one line of counts (shown with ``pytest -s`` / ``-rA``)."""
-    print("[reliability] %s: %s" % (name, ", ".join("%s=%s" % kv for kv in counts.items())))
+class Failures:
+    """The failed trials of one reliability test, counted: each trial runs
+    under ``with failures.trial():``, whose AssertionError is kept while
+    the run goes on to the next trial; :func:`report` prints the count and
+    then fails the test if it is not zero."""
+
+    def __init__(self):
+        self.messages = []
+
+    @contextlib.contextmanager
+    def trial(self):
+        try:
+            yield
+        except AssertionError as e:
+            self.messages.append(str(e).strip() or "assertion failed")
+
+
+def report(name, *, failures, **counts):
+    """Print one line of counts, ``failures`` last (shown with ``pytest -s``
+    / ``-rA``). ``failures`` is a :class:`Failures` (the test then fails
+    here if any trial failed, naming the first ones) or a count the caller
+    asserts on itself."""
+    count = len(failures.messages) if isinstance(failures, Failures) else failures
+    items = ["%s=%s" % kv for kv in counts.items()] + ["failures=%s" % count]
+    print("[reliability] %s: %s" % (name, ", ".join(items)))
+    if isinstance(failures, Failures):
+        assert not failures.messages, "%s: %d failed trials; first: %s" % (name, count, " | ".join(failures.messages[:3]))
 
 
 # -- os proxy and hooks ----------------------------------------------------------

@@ -5,6 +5,7 @@ stdin without a newline), with real qemu-storage-daemons."""
 import fcntl
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -46,6 +47,15 @@ def volumes(state_dir):
     midway must not leak qemu-storage-daemons)."""
     yield state_dir / "volumes"
     kill_leftover_daemons(str(state_dir / "volumes"))
+
+
+def wrap_daemon(tmp_path, monkeypatch, before="", options=""):
+    """Make the plugin run qemu-storage-daemon through a shell script that
+    runs ``before``, then execs the daemon (same pid) with ``options`` added."""
+    wrapper = tmp_path / "qsd-wrapper"
+    wrapper.write_text("#!/bin/sh\n%s\nexec %s %s \"$@\"\n" % (before, shutil.which("qemu-storage-daemon"), options))
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("TASK_QEMU_STORAGE_DAEMON", str(wrapper))
 
 
 def dp(method, uri, domain, **env):
@@ -108,7 +118,11 @@ def test_plugin_query_names_the_scheme_of_its_directory(state_dir, tmp_path, sch
 # -- attach, activate, deactivate, detach ---------------------------------------------------
 
 
-def test_attach_answers_an_nbd_export_that_serves_the_volume(state_dir, volumes, image, uri):
+def test_attach_serves_the_volume_and_deactivate_flushes_it_through_the_export(state_dir, volumes, image, uri,
+                                                                             tmp_path, monkeypatch):
+    # The daemon traces every NBD request it decodes to its log: the
+    # deactivate's flush must reach it.
+    wrap_daemon(tmp_path, monkeypatch, options="--trace nbd_co_receive_request_decode_type")
     res = dp("attach", uri, "7")
     assert res.returncode == 0, res.stdout
     sock, export = nbd_address(res.json)
@@ -118,7 +132,10 @@ def test_attach_answers_an_nbd_export_that_serves_the_volume(state_dir, volumes,
         assert client.size == SIZE
         assert client.pread(4096, 0) == b"\xa5" * 4096
         client.pwrite(b"guest data" * 100, 1 << 20)
-    assert dp("deactivate", uri, "7").stdout == b"null\n"  # flushes
+    (log,) = volumes.glob("*.log")
+    flushes = log.read_text().count("(flush)")
+    assert dp("deactivate", uri, "7").stdout == b"null\n"
+    assert log.read_text().count("(flush)") == flushes + 1  # the deactivate's flush reached the daemon
     with open(image, "rb") as f:
         f.seek(1 << 20)
         assert f.read(1000) == b"guest data" * 100
@@ -279,3 +296,172 @@ def test_detach_never_fails_even_with_an_unusable_state_dir(tmp_path, monkeypatc
     assert res.returncode == 0 and res.stdout == b"null\n"
     assert b"could not be recorded" in res.stderr
     assert dp("attach", uri, "7").error_name == "State_directory_invalid"
+
+
+# -- starting a daemon: why it failed, a caller killed midway -------------------------------
+
+
+def test_a_daemon_that_cannot_exec_says_why_in_the_error_and_the_log(state_dir, volumes, tmp_path, monkeypatch, uri):
+    bogus = tmp_path / "qsd-not-a-program"
+    bogus.write_bytes(b"\x7fELF but not a program")
+    bogus.chmod(0o755)
+    monkeypatch.setenv("TASK_QEMU_STORAGE_DAEMON", str(bogus))
+    res = dp("attach", uri, "7")
+    assert res.error_name == "Storage_daemon_failed"
+    reason = "cannot run %s: Exec format error" % bogus
+    assert reason in res.json["params"][1] and reason in res.stderr.decode()
+    assert reason in (state_dir / "logs" / "store.log").read_text()
+    assert daemons(volumes) == [] and not list(volumes.glob("*.log"))
+
+
+def test_an_attach_killed_while_its_daemon_starts_leaves_nothing_taken_for_a_lost_daemon(state_dir, volumes, uri,
+                                                                                        tmp_path, monkeypatch):
+    """kill -9 of Datapath.attach at random instants around its daemon's
+    start; the next attach always serves (never Storage_daemon_lost), and
+    many kills landed while the daemon was starting (recorded, never seen
+    serving). The daemon takes 0.2s more to start, as on a loaded host."""
+    wrap_daemon(tmp_path, monkeypatch, before="sleep 0.2")
+    rng = random.Random(os.environ.get("RELIABILITY_SEED", "qsd-start"))
+    params = json.dumps({"dbg": "t", "uri": uri, "domain": "7"}).encode()
+
+    def attach_in_background():
+        proc = subprocess.Popen([os.path.join(BIN, "Datapath.attach"), "--json"], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc.stdin.write(params)
+        proc.stdin.close()
+        return proc
+
+    # When, in an attach, its daemon is recorded and when it is seen
+    # serving: most kills land in that span, some just before it.
+    t0, proc = time.monotonic(), attach_in_background()
+    recorded = served = None
+    while proc.poll() is None or served is None:
+        records = [json.loads(p.read_text()) for p in volumes.glob("*.qsd")]
+        if recorded is None and records:
+            recorded = time.monotonic() - t0
+        if served is None and any(r["served"] for r in records):
+            served = time.monotonic() - t0
+        time.sleep(0.001)
+    assert proc.returncode == 0 and recorded is not None
+    assert dp("detach", uri, "7").stdout == b"null\n"
+    mid_start, deadline = 0, time.monotonic() + 120
+    for trial in range(30):
+        assert time.monotonic() < deadline, "only %d trials in 120s" % trial
+        proc = attach_in_background()
+        time.sleep(rng.uniform(recorded - 0.03, served))
+        proc.kill()  # our own child, not yet reaped: its pid cannot be reused
+        proc.wait()
+        records = [json.loads(p.read_text()) for p in volumes.glob("*.qsd")]
+        mid_start += proc.returncode == -signal.SIGKILL and any(not r["served"] for r in records)
+        res = dp("attach", uri, "7")
+        assert res.returncode == 0, res.stdout
+        sock, export = nbd_address(res.json)
+        with Client.connect("nbd+unix:///%s?socket=%s" % (export, sock)) as client:
+            assert client.pread(4096, 0) == b"\xa5" * 4096
+        (daemon,) = daemons(volumes)
+        assert dp("detach", uri, "7").stdout == b"null\n"
+        assert identity.wait_gone(daemon, 10)
+        assert [n for n in os.listdir(volumes) if ".json" not in n] == []  # no daemon file left
+    assert mid_start >= 10, "only %d of 30 kills landed while the daemon was starting (recorded at %.3fs, served at %.3fs)" \
+        % (mid_start, recorded, served)
+
+
+# -- what a daemon may open: one daemon per image, a vetted backing chain ---------------------
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_a_second_state_directory_cannot_serve_an_image_already_served(state_dir, volumes, tmp_path, monkeypatch, fmt):
+    image = tmp_path / ("disk." + fmt)
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(image), "8M"], check=True)
+    uri = "%s+file://%s" % (fmt, image)
+    assert dp("attach", uri, "7").returncode == 0
+    (first,) = daemons(volumes)
+    other = tmp_path / "other-state"
+    try:
+        res = dp("attach", uri, "7", TASK_STATE_DIR=str(other))
+        assert res.error_name == "Storage_daemon_failed"
+        assert "another qemu-storage-daemon holds its lock" in res.json["params"][1]
+        assert daemons(other / "volumes") == [] and identity.matches(first)
+        # The lock goes with the daemon that held it.
+        assert dp("detach", uri, "7").stdout == b"null\n"
+        assert identity.wait_gone(first, 10)
+        assert dp("attach", uri, "7", TASK_STATE_DIR=str(other)).returncode == 0
+        assert dp("detach", uri, "7", TASK_STATE_DIR=str(other)).stdout == b"null\n"
+    finally:
+        kill_leftover_daemons(str(other / "volumes"))
+
+
+def qcow2_over(path, backing, backing_fmt):
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", backing_fmt, "-b", backing, str(path), "8M"],
+                   check=True)
+    return "qcow2+file://%s" % path
+
+
+def test_a_backing_file_outside_the_image_directory_is_refused(state_dir, volumes, tmp_path):
+    (tmp_path / "sr").mkdir()
+    uri = qcow2_over(tmp_path / "sr" / "top.qcow2", "/etc/hostname", "raw")
+    res = dp("attach", uri, "7")
+    assert res.error_name == "Invalid_arguments"
+    assert "resolves to /etc/hostname, outside the image's directory" in res.json["params"][1]
+    assert daemons(volumes) == [] and not list(volumes.glob("*.log"))
+
+
+def test_a_backing_symlink_escaping_the_image_directory_is_refused(state_dir, volumes, tmp_path):
+    sr, elsewhere = tmp_path / "sr", tmp_path / "elsewhere"
+    sr.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "secret.raw").write_bytes(b"secret" * 1000)
+    (sr / "base.raw").symlink_to(elsewhere / "secret.raw")
+    uri = qcow2_over(sr / "top.qcow2", "base.raw", "raw")
+    res = dp("attach", uri, "7")
+    assert res.error_name == "Invalid_arguments"
+    assert "resolves to %s, outside the image's directory" % (elsewhere / "secret.raw") in res.json["params"][1]
+    assert daemons(volumes) == []
+
+
+def test_a_backing_file_without_an_explicit_format_is_refused(state_dir, volumes, tmp_path):
+    (tmp_path / "base.raw").write_bytes(b"\0" * 65536)
+    top = tmp_path / "top.qcow2"
+    uri = qcow2_over(top, "base.raw", "raw")
+    data = top.read_bytes()
+    assert data.count(b"\xe2\x79\x2a\xca") == 1  # the backing format header extension...
+    top.write_bytes(data.replace(b"\xe2\x79\x2a\xca", b"\x00\x00\x0b\xad"))  # ...made one QEMU ignores
+    res = dp("attach", uri, "7")
+    assert res.error_name == "Invalid_arguments"
+    assert "names no backing format" in res.json["params"][1]
+    assert daemons(volumes) == []
+
+
+def test_a_two_level_chain_in_the_image_directory_is_served_and_only_it_is_opened(state_dir, volumes, tmp_path):
+    sr = tmp_path / "sr"
+    sr.mkdir()
+    base, mid, top = sr / "base.raw", sr / "mid.qcow2", sr / "top.qcow2"
+    with open(base, "wb") as f:
+        f.truncate(8 << 20)
+        f.write(b"B" * 65536)
+    qcow2_over(mid, "base.raw", "raw")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x4d 65536 65536", str(mid)], check=True,
+                   capture_output=True)
+    uri = qcow2_over(top, "mid.qcow2", "qcow2")
+    res = dp("attach", uri, "7")
+    assert res.returncode == 0, res.stdout
+    sock, export = nbd_address(res.json)
+    out = tmp_path / "read.raw"
+    subprocess.run(["nbdcopy", "nbd+unix:///%s?socket=%s" % (export, sock), str(out)], check=True, timeout=30)
+    data = out.read_bytes()
+    assert data[:65536] == b"B" * 65536 and data[65536:131072] == b"M" * 65536 and data[131072:] == bytes(len(data) - 131072)
+    (daemon,) = daemons(volumes)
+    opened = {os.path.realpath("/proc/%d/fd/%s" % (daemon["pid"], fd)) for fd in os.listdir("/proc/%d/fd" % daemon["pid"])}
+    assert {str(p) for p in (base, mid, top)} == {p for p in opened if p.startswith(str(sr) + "/")}
+    assert dp("detach", uri, "7").stdout == b"null\n"
+
+
+def test_a_backing_chain_that_loops_is_refused(state_dir, volumes, tmp_path):
+    (tmp_path / "base.raw").write_bytes(b"\0" * 65536)
+    qcow2_over(tmp_path / "b.qcow2", "base.raw", "raw")
+    uri = qcow2_over(tmp_path / "a.qcow2", "b.qcow2", "qcow2")
+    subprocess.run(["qemu-img", "rebase", "-u", "-F", "qcow2", "-b", "a.qcow2", str(tmp_path / "b.qcow2")], check=True)
+    res = dp("attach", uri, "7")
+    assert res.error_name == "Invalid_arguments"
+    assert "loops through %s" % (tmp_path / "a.qcow2") in res.json["params"][1]
+    assert daemons(volumes) == []

@@ -26,6 +26,7 @@ import pytest
 from conftest import BIN, run_bin
 from faults import (
     CrashAt,
+    Failures,
     OSProxy,
     dead_identity,
     env_int,
@@ -156,7 +157,7 @@ def test_worker_killed_at_every_store_write(crash_store, state_dir, tmp_path):
     with open(trace) as f:
         points = len(f.readlines())
     assert points >= 20, "the worker made %d store writes" % points
-    stats, trials, undeclared = {}, 0, []
+    stats, trials, undeclared, failures = {}, 0, [], Failures()
     for n in range(1, points + 2):  # points + 1: no crash at all
         for after in (False, True):
             out = str(tmp_path / ("out-%d-%d" % (n, after)))
@@ -165,18 +166,20 @@ def test_worker_killed_at_every_store_write(crash_store, state_dir, tmp_path):
                 tid = worker.start("crash-%d" % n, write_steps, {"path": out, "steps": 2, "delay": 0.01}, store=crash_store)
             finally:
                 store_os(REAL_OS)
-            ident = crash_store.get(tid).worker
-            if ident is not None:
-                assert identity.wait_gone(ident, 10)
-            declared = _declared(state_dir, tid)
-            state = _check_after(state_dir, tid, out, 2, declared, real_stat=(trials % 10 == 0), stats=stats)
-            if state[0] == "Failed" and os.path.exists(out):
-                undeclared.append((n, "after" if after else "before"))
+            with failures.trial():
+                ident = crash_store.get(tid).worker
+                if ident is not None:
+                    assert identity.wait_gone(ident, 10)
+                declared = _declared(state_dir, tid)
+                state = _check_after(state_dir, tid, out, 2, declared, real_stat=(trials % 10 == 0), stats=stats)
+                if state[0] == "Failed" and os.path.exists(out):
+                    undeclared.append((n, "after" if after else "before"))
             trials += 1
-    _ls_clean(state_dir, real=True)
+    with failures.trial():
+        _ls_clean(state_dir, real=True)
     tmp_left = leftovers(state_dir, "tmp")
     report("worker crash points", store_writes_per_run=points, trials=trials, faults_injected=2 * points,
-           outcomes=stats, failed_with_undeclared_output_at=undeclared, tmp_files_left=len(tmp_left), failures=0)
+           outcomes=stats, failed_with_undeclared_output_at=undeclared, tmp_files_left=len(tmp_left), failures=failures)
 
 
 def test_worker_killed_at_random_times(crash_store, state_dir, tmp_path):
@@ -187,7 +190,7 @@ def test_worker_killed_at_random_times(crash_store, state_dir, tmp_path):
     r = rng()
     trials = env_int("RELIABILITY_TRIALS", 200)
     batch, steps, delay, window = 8, 10, 0.02, 0.35
-    stats, done, killed_running, already_done = {}, 0, 0, 0
+    stats, done, killed_running, already_done, mid_operation, failures = {}, 0, 0, 0, 0, Failures()
     t_begin = time.monotonic()
     while done < trials:
         running = []
@@ -204,6 +207,7 @@ def test_worker_killed_at_random_times(crash_store, state_dir, tmp_path):
                     # count as a fault only a kill of a process still running.
                     if identity.matches(item["ident"]) and pidfd_kill(item["pidfd"]):
                         killed_running += 1
+                        item["hit"] = True
                     else:
                         pidfd_kill(item["pidfd"])
                         already_done += 1
@@ -221,7 +225,7 @@ def test_worker_killed_at_random_times(crash_store, state_dir, tmp_path):
             except ProcessLookupError:
                 pass
             running.append({"id": tid, "out": out, "pidfd": pidfd, "killed": pidfd is None, "ident": ident,
-                            "due": time.monotonic() + r.uniform(0, window)})
+                            "due": time.monotonic() + r.uniform(0, window), "hit": False})
             kill_due()
         for item in sorted(running, key=lambda x: x["due"]):
             if not item["killed"]:
@@ -229,17 +233,25 @@ def test_worker_killed_at_random_times(crash_store, state_dir, tmp_path):
                 kill_due()
         kill_due(force=True)
         for item in running:
-            if item["pidfd"] is not None:
-                assert wait_pidfd(item["pidfd"], 10), "worker did not die"
-                os.close(item["pidfd"])
-            declared = _declared(state_dir, item["id"])
-            _check_after(state_dir, item["id"], item["out"], steps, declared, real_stat=(done % 25 == 0), stats=stats)
+            with failures.trial():
+                if item["pidfd"] is not None:
+                    assert wait_pidfd(item["pidfd"], 10), "worker did not die"
+                    os.close(item["pidfd"])
+                declared = _declared(state_dir, item["id"])
+                state = _check_after(state_dir, item["id"], item["out"], steps, declared, real_stat=(done % 25 == 0),
+                                     stats=stats)
+                # Killed alive, and it had not completed: the kill cut its operation short.
+                mid_operation += item["hit"] and state[0] == "Failed"
             done += 1
-        _ls_clean(state_dir, real=False)
-    _ls_clean(state_dir, real=True)
-    report("worker random kills", trials=done, faults_injected=killed_running, kills_after_exit=already_done,
-           outcomes=stats, tmp_files_left=len(leftovers(state_dir, "tmp")),
-           seconds=round(time.monotonic() - t_begin, 1), failures=0)
+        with failures.trial():
+            _ls_clean(state_dir, real=False)
+    with failures.trial():
+        _ls_clean(state_dir, real=True)
+    with failures.trial():
+        assert mid_operation >= done // 4, "only %d of %d kills cut a live worker's operation short" % (mid_operation, done)
+    report("worker random kills", trials=done, faults_injected=killed_running, mid_operation=mid_operation,
+           kills_after_exit=already_done, outcomes=stats, tmp_files_left=len(leftovers(state_dir, "tmp")),
+           seconds=round(time.monotonic() - t_begin, 1), failures=failures)
 
 
 def _writer(path, ids, arts, complete_at, ack_fd):
@@ -282,7 +294,7 @@ def test_transition_writer_killed_at_random_times(crash_store, state_dir, tmp_pa
     turns the orphaned Pending tasks Failed and removes their artifacts."""
     r = rng()
     trials = env_int("RELIABILITY_WRITER_TRIALS", 50)
-    acked_writes, outcomes = 0, {}
+    acked_writes, outcomes, failures = 0, {}, Failures()
     for trial in range(trials):
         ids, arts = [], []
         for k in range(3):
@@ -326,28 +338,30 @@ def test_transition_writer_killed_at_random_times(crash_store, state_dir, tmp_pa
             if len(parts) == 2:
                 last[int(parts[0])] = max(last[int(parts[0])], int(parts[1]))
                 acked_writes += 1
-        assert task_file_problems(state_dir) == []
-        for k, tid in enumerate(ids):
-            task = crash_store.get(tid)
-            if k == 0 and last[0] >= complete_at:
-                assert isinstance(task.state, Completed), "acknowledged completion lost: %r" % task.state
-            elif isinstance(task.state, Completed):
-                assert k == 0 and last[0] + 1 == complete_at, "unexpected completion %r" % task.state
-            else:
-                p = task.state.progress
-                assert last[k] / 100000.0 - 1e-12 <= p <= (last[k] + 1) / 100000.0 + 1e-12, \
-                    "task %d shows progress %r after acknowledged %d" % (k, p, last[k])
-            state = _stat(tid, real=(trial % 5 == 0 and k == 1))
-            outcomes[state[0]] = outcomes.get(state[0], 0) + 1
-            if state[0] == "Completed":
-                assert os.path.exists(arts[k])
-            else:
-                assert state[1].startswith("Worker lost"), state
-                assert not os.path.exists(arts[k]), "artifact %s left behind" % arts[k]
-        _ls_clean(state_dir, real=False)
-    _ls_clean(state_dir, real=True)
+        with failures.trial():
+            assert task_file_problems(state_dir) == []
+            for k, tid in enumerate(ids):
+                task = crash_store.get(tid)
+                if k == 0 and last[0] >= complete_at:
+                    assert isinstance(task.state, Completed), "acknowledged completion lost: %r" % task.state
+                elif isinstance(task.state, Completed):
+                    assert k == 0 and last[0] + 1 == complete_at, "unexpected completion %r" % task.state
+                else:
+                    p = task.state.progress
+                    assert last[k] / 100000.0 - 1e-12 <= p <= (last[k] + 1) / 100000.0 + 1e-12, \
+                        "task %d shows progress %r after acknowledged %d" % (k, p, last[k])
+                state = _stat(tid, real=(trial % 5 == 0 and k == 1))
+                outcomes[state[0]] = outcomes.get(state[0], 0) + 1
+                if state[0] == "Completed":
+                    assert os.path.exists(arts[k])
+                else:
+                    assert state[1].startswith("Worker lost"), state
+                    assert not os.path.exists(arts[k]), "artifact %s left behind" % arts[k]
+            _ls_clean(state_dir, real=False)
+    with failures.trial():
+        _ls_clean(state_dir, real=True)
     report("transition writer kills", trials=trials, faults_injected=trials, acknowledged_writes=acked_writes,
-           outcomes=outcomes, tmp_files_left=len(leftovers(state_dir, "tmp")), failures=0)
+           outcomes=outcomes, tmp_files_left=len(leftovers(state_dir, "tmp")), failures=failures)
 
 
 def _calibrate(method, params, runs=3):
@@ -396,7 +410,7 @@ def test_cancel_caller_killed_at_random_points(crash_store, state_dir, tmp_path)
         times.append(time.monotonic() - t0)
         _wait_worker_end(crash_store.get(tid).worker)
     median = sorted(times)[1]
-    stats, killed, finished = {}, 0, 0
+    stats, killed, finished, failures = {}, 0, 0, Failures()
     for trial in range(trials):
         out = str(tmp_path / ("c%d" % trial))
         ignore = trial % 4 == 3  # a stuck worker: only SIGKILL ends it early
@@ -406,11 +420,11 @@ def test_cancel_caller_killed_at_random_points(crash_store, state_dir, tmp_path)
         code, stdout, was_killed = run_killed([os.path.join(BIN, "Task.cancel"), "--json"],
                                               json.dumps({"dbg": "d", "id": tid}).encode(), r.uniform(0.5, 1.5) * median)
         killed += was_killed
-        if not was_killed:
-            finished += 1
-            assert (code, stdout) == (0, b"null\n")
-        assert task_file_problems(state_dir) == []
-        _settle(state_dir, tid, ident, out, steps, stats, real=(trial % 4 == 0))
+        finished += not was_killed
+        with failures.trial():
+            assert was_killed or (code, stdout) == (0, b"null\n")
+            assert task_file_problems(state_dir) == []
+            _settle(state_dir, tid, ident, out, steps, stats, real=(trial % 4 == 0))
     # Exact instants: just before / after each store write of the cancel.
     trace = str(tmp_path / "cancel.trace")
     args = {"path": str(tmp_path / "ct"), "steps": steps, "delay": delay}
@@ -428,14 +442,16 @@ def test_cancel_caller_killed_at_random_points(crash_store, state_dir, tmp_path)
             ident = crash_store.get(tid).worker
             status, _ = fork_call("Task.cancel", {"dbg": "d", "id": tid},
                                   hook=lambda pid, n=n, after=after: CrashAt(n, after=after, where="self"))
-            assert status == -signal.SIGKILL, "the caller was not killed at write %d (status %r)" % (n, status)
             exact += 1
-            assert task_file_problems(state_dir) == []
-            _settle(state_dir, tid, ident, out, steps, stats, real=False)
-    _ls_clean(state_dir, real=True)
+            with failures.trial():
+                assert status == -signal.SIGKILL, "the caller was not killed at write %d (status %r)" % (n, status)
+                assert task_file_problems(state_dir) == []
+                _settle(state_dir, tid, ident, out, steps, stats, real=False)
+    with failures.trial():
+        _ls_clean(state_dir, real=True)
     report("cancel caller kills", random_trials=trials, callers_killed=killed, callers_finished_first=finished,
            exact_points=points, exact_trials=exact, faults_injected=killed + exact, outcomes=stats,
-           caller_median_s=round(median, 3), failures=0)
+           caller_median_s=round(median, 3), failures=failures)
 
 
 def _destroy_subject(store, tmp_path, label, pending):
@@ -496,17 +512,17 @@ def test_destroy_caller_killed_at_random_points(crash_store, state_dir, tmp_path
     trials = env_int("RELIABILITY_CALLER_TRIALS", 16)
     sample, _ = _destroy_subject(crash_store, tmp_path, "calibrate", pending=False)
     median = _calibrate("Task.stat", {"dbg": "d", "id": sample})
-    stats, killed, orphan_files = {}, 0, 0
+    stats, killed, orphan_files, failures = {}, 0, 0, Failures()
     for trial in range(trials):
         pending = trial % 2 == 1
         tid, art = _destroy_subject(crash_store, tmp_path, "d%d" % trial, pending)
         code, stdout, was_killed = run_killed([os.path.join(BIN, "Task.destroy"), "--json"],
                                               json.dumps({"dbg": "d", "id": tid}).encode(), r.uniform(0.5, 1.5) * median)
         killed += was_killed
-        if not was_killed:
-            assert (code, stdout) == (0, b"null\n")
-        assert task_file_problems(state_dir) == []
-        _check_destroyed_or_whole(state_dir, tid, art, pending, stats)
+        with failures.trial():
+            assert was_killed or (code, stdout) == (0, b"null\n")
+            assert task_file_problems(state_dir) == []
+            _check_destroyed_or_whole(state_dir, tid, art, pending, stats)
         orphan_files += len(_orphans(state_dir, tid))
     exact = 0
     for pending in (False, True):
@@ -521,16 +537,18 @@ def test_destroy_caller_killed_at_random_points(crash_store, state_dir, tmp_path
                 tid, art = _destroy_subject(crash_store, tmp_path, "e%d-%d-%d" % (pending, n, after), pending)
                 status, _ = fork_call("Task.destroy", {"dbg": "d", "id": tid},
                                       hook=lambda pid, n=n, after=after: CrashAt(n, after=after, where="self"))
-                assert status == -signal.SIGKILL
                 exact += 1
-                assert task_file_problems(state_dir) == []
-                _check_destroyed_or_whole(state_dir, tid, art, pending, stats)
+                with failures.trial():
+                    assert status == -signal.SIGKILL, "the caller was not killed at write %d (status %r)" % (n, status)
+                    assert task_file_problems(state_dir) == []
+                    _check_destroyed_or_whole(state_dir, tid, art, pending, stats)
                 orphan_files += len(_orphans(state_dir, tid))
-    _ls_clean(state_dir, real=True)
+    with failures.trial():
+        _ls_clean(state_dir, real=True)
     stats.pop("_n", None)
     report("destroy caller kills", random_trials=trials, callers_killed=killed, exact_trials=exact,
            faults_injected=killed + exact, outcomes=stats, orphan_files_after_destroy=orphan_files,
-           caller_median_s=round(median, 3), failures=0)
+           caller_median_s=round(median, 3), failures=failures)
 
 
 @pytest.mark.parametrize("where", ["worker-write", "destroy-early", "destroy-committed"])

@@ -21,6 +21,7 @@ from conftest import run_bin
 from faults import (
     Counter,
     FailAt,
+    Failures,
     OSProxy,
     dead_identity,
     fork_call,
@@ -122,6 +123,7 @@ def test_write_faults_leave_previous_state_intact(store, state_dir):
     previous bytes, no temporary file is left, a failed create leaves no
     trace at all, and the same call succeeds once the fault is gone."""
     trials = 0
+    failures = Failures()
     for kind in ("create", "progress", "complete", "annotate"):
         calls = _plan(store, kind)
         rename_at = len(calls) - 1 - calls[::-1].index("rename")
@@ -134,15 +136,17 @@ def test_write_faults_leave_previous_state_intact(store, state_dir):
             for err in ERRNOS:
                 raised, before, after, task_id, ids_before = _inject(store, state_dir, kind, name, n, err)
                 trials += 1
-                where = "%s: %s #%d %s" % (kind, name, n, errno.errorcode[err])
-                assert isinstance(raised, InternalError), "%s raised %r" % (where, raised)
-                assert names_errno(str(raised), err), "%s: %s" % (where, raised)
-                assert after == before, "%s changed the store" % where
-                assert leftovers(state_dir, "tmp") == []
-                assert store.ids() == ids_before
-                _retry(store, kind, task_id)  # the fault is gone: the same call works
-    assert task_file_problems(state_dir) == []
-    report("write faults before rename", trials=trials, faults_injected=trials, failures=0)
+                with failures.trial():
+                    where = "%s: %s #%d %s" % (kind, name, n, errno.errorcode[err])
+                    assert isinstance(raised, InternalError), "%s raised %r" % (where, raised)
+                    assert names_errno(str(raised), err), "%s: %s" % (where, raised)
+                    assert after == before, "%s changed the store" % where
+                    assert leftovers(state_dir, "tmp") == []
+                    assert store.ids() == ids_before
+                    _retry(store, kind, task_id)  # the fault is gone: the same call works
+    with failures.trial():
+        assert task_file_problems(state_dir) == []
+    report("write faults before rename", trials=trials, faults_injected=trials, failures=failures)
 
 
 def test_every_store_io_error_is_an_internal_error(store, state_dir):
@@ -210,6 +214,7 @@ def test_executables_answer_write_faults_with_the_error_record(store, state_dir,
     monkeypatch.setenv("TASK_CANCEL_GRACE", "60")
     sleepers = []
     trials = 0
+    failures = Failures()
     try:
         for method in ("Task.cancel", "Task.stat", "Task.ls"):
             for name in ("open", "write", "fsync", "rename"):
@@ -228,33 +233,34 @@ def test_executables_answer_write_faults_with_the_error_record(store, state_dir,
                     params = {"dbg": "d"} if method == "Task.ls" else {"dbg": "d", "id": task.id}
                     status, out = fork_call(method, params, hook=lambda pid, name=name, err=err: FailAt(name, 1, err))
                     trials += 1
-                    record = json.loads(out)
-                    where = "%s with %s failing (%s)" % (method, name, errno.errorcode[err])
-                    if method == "Task.cancel" and name in ("write", "rename"):
-                        # A cancel writes no task file: it records its request
-                        # in an empty file (open, fsync) and signals the worker.
-                        assert (status, out) == (0, b"null\n"), (where, out)
-                        assert store.cancel_time(task.id) is not None, where
-                        assert sleeper.popen.wait(10) == -15, where
-                        store.transition(task.id, lambda t: Completed(0.0))
-                        continue
-                    if method == "Task.ls":
-                        # ls still lists what exists; the task stays as it was
-                        # for a later call to reconcile.
-                        assert status == 0 and task.id in record, (where, out)
+                    with failures.trial():
+                        record = json.loads(out)
+                        where = "%s with %s failing (%s)" % (method, name, errno.errorcode[err])
+                        if method == "Task.cancel" and name in ("write", "rename"):
+                            # A cancel writes no task file: it records its request
+                            # in an empty file (open, fsync) and signals the worker.
+                            assert (status, out) == (0, b"null\n"), (where, out)
+                            assert store.cancel_time(task.id) is not None, where
+                            assert sleeper.popen.wait(10) == -15, where
+                            store.transition(task.id, lambda t: Completed(0.0))
+                            continue
+                        if method == "Task.ls":
+                            # ls still lists what exists; the task stays as it was
+                            # for a later call to reconcile.
+                            assert status == 0 and task.id in record, (where, out)
+                            assert snapshot(state_dir) == before, where
+                            store.transition(task.id, lambda t: Completed(0.0))
+                            continue
+                        assert status == 1, (where, out)
+                        assert _valid_error_record(record), (where, record)
+                        assert record["params"][0] == "Internal_error" and names_errno(record["params"][1], err), (where, record)
                         assert snapshot(state_dir) == before, where
-                        store.transition(task.id, lambda t: Completed(0.0))
-                        continue
-                    assert status == 1, (where, out)
-                    assert _valid_error_record(record), (where, record)
-                    assert record["params"][0] == "Internal_error" and names_errno(record["params"][1], err), (where, record)
-                    assert snapshot(state_dir) == before, where
-                    assert method != "Task.cancel" or sleeper.alive()
-                    store.transition(task.id, lambda t: Completed(0.0))  # out of the way of the next Task.ls
+                        assert method != "Task.cancel" or sleeper.alive()
+                        store.transition(task.id, lambda t: Completed(0.0))  # out of the way of the next Task.ls
     finally:
         for sleeper in sleepers:
             sleeper.stop()
-    report("executables under write faults", trials=trials, faults_injected=trials, failures=0)
+    report("executables under write faults", trials=trials, faults_injected=trials, failures=failures)
 
 
 @pytest.fixture
@@ -308,88 +314,90 @@ def test_real_enospc_on_a_full_tmpfs(tiny_fs, tmp_path, monkeypatch):
 
     sleeper = None
     answers = {}
+    failures, running_state = Failures(), None
     try:
-        with Store(str(state)) as store:
-            done = store.create("done")
-            store.transition(done.id, lambda t: Completed(1.0))
-            live = store.create("live")  # its "worker" is the sleeper: Pending while it lives
-            sleeper, live_ident = stand_in_worker(state, live.id)
-            store.annotate(live.id, lambda t: setattr(t, "worker", live_ident))
-            lost = store.create("lost")  # its worker is gone: the next call must write
-            lost_ident = dead_identity()
-            store.annotate(lost.id, lambda t: setattr(t, "worker", lost_ident))
-            out = tmp_path / "worker.out"  # the output is elsewhere: only store writes fail
-            running = worker.start("running", write_steps, {"path": str(out), "steps": 300, "delay": 0.01}, store=store)
-            running_ident = store.get(running).worker
-            deadline = time.monotonic() + 10
-            while str(out) not in store.get(running).created:  # its output exists and is recorded
-                assert time.monotonic() < deadline
-                time.sleep(0.005)
-            # Stopped while the other calls run: its retried writes would
-            # free and take pages, and the disk would not stay full.
-            os.kill(running_ident["pid"], signal.SIGSTOP)
-            filler = _fill(str(tiny_fs))
-            before = snapshot(state, dirs=("tasks",))
+        with failures.trial():
+            with Store(str(state)) as store:
+                done = store.create("done")
+                store.transition(done.id, lambda t: Completed(1.0))
+                live = store.create("live")  # its "worker" is the sleeper: Pending while it lives
+                sleeper, live_ident = stand_in_worker(state, live.id)
+                store.annotate(live.id, lambda t: setattr(t, "worker", live_ident))
+                lost = store.create("lost")  # its worker is gone: the next call must write
+                lost_ident = dead_identity()
+                store.annotate(lost.id, lambda t: setattr(t, "worker", lost_ident))
+                out = tmp_path / "worker.out"  # the output is elsewhere: only store writes fail
+                running = worker.start("running", write_steps, {"path": str(out), "steps": 300, "delay": 0.01}, store=store)
+                running_ident = store.get(running).worker
+                deadline = time.monotonic() + 10
+                while str(out) not in store.get(running).created:  # its output exists and is recorded
+                    assert time.monotonic() < deadline
+                    time.sleep(0.005)
+                # Stopped while the other calls run: its retried writes would
+                # free and take pages, and the disk would not stay full.
+                os.kill(running_ident["pid"], signal.SIGSTOP)
+                filler = _fill(str(tiny_fs))
+                before = snapshot(state, dirs=("tasks",))
 
-            def call(method, task_id=None):
-                params = {"dbg": "d"} if task_id is None else {"dbg": "d", "id": task_id}
-                res = run_bin(method, params)
-                answers.setdefault(method, []).append(res.returncode)
-                if res.returncode == 1:
-                    assert _valid_error_record(res.json), res.stdout
-                return res
+                def call(method, task_id=None):
+                    params = {"dbg": "d"} if task_id is None else {"dbg": "d", "id": task_id}
+                    res = run_bin(method, params)
+                    answers.setdefault(method, []).append(res.returncode)
+                    if res.returncode == 1:
+                        assert _valid_error_record(res.json), res.stdout
+                    return res
 
-            assert call("Task.stat", done.id).json["state"][0] == "Completed"
-            assert call("Task.stat", live.id).json["state"] == ["Pending", 0.0]
-            res = call("Task.stat", lost.id)
-            assert res.returncode == 1 and res.json["params"][0] == "Internal_error"
-            assert names_errno(res.json["params"][1], errno.ENOSPC), res.json
-            assert call("Task.destroy", live.id).error_name == "Task_in_progress"
-            res = call("Task.ls")  # still lists every task on a full disk
-            assert res.returncode == 0 and set(res.json) >= {done.id, live.id, lost.id}, res.stdout
-            with pytest.raises(InternalError) as failed:
-                worker.start("no-room", write_steps, {"path": str(tmp_path / "x"), "steps": 1, "delay": 0}, store=store)
-            assert names_errno(str(failed.value), errno.ENOSPC)
-            after = snapshot(state, dirs=("tasks",))
-            # The running worker may have had a write land before the disk
-            # filled up; every other task file is byte for byte the same.
-            changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
-            assert changed <= {"tasks/%s.json" % running}, changed
-            assert task_file_problems(state) == []
-            assert leftovers(state, "tmp") == []
-            assert sorted(leftovers(state, "tasks")) == sorted("%s.json" % i for i in (done.id, live.id, lost.id, running))
-            os.kill(running_ident["pid"], signal.SIGCONT)
-            time.sleep(0.5)  # the worker's progress writes now fail
-            assert task_file_problems(state) == []
-            # Progress is advisory: the worker keeps copying, and records its
-            # end in the space it set aside, while the disk is still full.
-            assert identity.wait_gone(running_ident, 30), "the worker did not finish"
-            final = store.get(running)
-            assert isinstance(final.state, Completed), final.state
-            assert out.read_text().count("step") == 300
-            # A cancel needs no room in the task file: it is recorded, and
-            # the (stand-in) worker gets its SIGTERM.
-            res = call("Task.cancel", live.id)
-            assert res.returncode == 0, res.stdout
-            assert store.cancel_time(live.id) is not None
-            assert sleeper.popen.wait(10) == -15
+                assert call("Task.stat", done.id).json["state"][0] == "Completed"
+                assert call("Task.stat", live.id).json["state"] == ["Pending", 0.0]
+                res = call("Task.stat", lost.id)
+                assert res.returncode == 1 and res.json["params"][0] == "Internal_error"
+                assert names_errno(res.json["params"][1], errno.ENOSPC), res.json
+                assert call("Task.destroy", live.id).error_name == "Task_in_progress"
+                res = call("Task.ls")  # still lists every task on a full disk
+                assert res.returncode == 0 and set(res.json) >= {done.id, live.id, lost.id}, res.stdout
+                with pytest.raises(InternalError) as failed:
+                    worker.start("no-room", write_steps, {"path": str(tmp_path / "x"), "steps": 1, "delay": 0}, store=store)
+                assert names_errno(str(failed.value), errno.ENOSPC)
+                after = snapshot(state, dirs=("tasks",))
+                # The running worker may have had a write land before the disk
+                # filled up; every other task file is byte for byte the same.
+                changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+                assert changed <= {"tasks/%s.json" % running}, changed
+                assert task_file_problems(state) == []
+                assert leftovers(state, "tmp") == []
+                assert sorted(leftovers(state, "tasks")) == sorted("%s.json" % i for i in (done.id, live.id, lost.id, running))
+                os.kill(running_ident["pid"], signal.SIGCONT)
+                time.sleep(0.5)  # the worker's progress writes now fail
+                assert task_file_problems(state) == []
+                # Progress is advisory: the worker keeps copying, and records its
+                # end in the space it set aside, while the disk is still full.
+                assert identity.wait_gone(running_ident, 30), "the worker did not finish"
+                final = store.get(running)
+                assert isinstance(final.state, Completed), final.state
+                assert out.read_text().count("step") == 300
+                # A cancel needs no room in the task file: it is recorded, and
+                # the (stand-in) worker gets its SIGTERM.
+                res = call("Task.cancel", live.id)
+                assert res.returncode == 0, res.stdout
+                assert store.cancel_time(live.id) is not None
+                assert sleeper.popen.wait(10) == -15
 
-            os.unlink(filler)  # space again
-            assert call("Task.stat", lost.id).json["state"][0] == "Failed"
-            deadline = time.monotonic() + 20
-            while call("Task.stat", running).json["state"][0] == "Pending" and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert call("Task.stat", live.id).json["state"] == ["Failed", "Cancelled"]
-            assert call("Task.destroy", done.id).returncode == 0
-            assert call("Task.ls").returncode == 0
-            assert task_file_problems(state) == []
-            running_state = final.state
+                os.unlink(filler)  # space again
+                assert call("Task.stat", lost.id).json["state"][0] == "Failed"
+                deadline = time.monotonic() + 20
+                while call("Task.stat", running).json["state"][0] == "Pending" and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert call("Task.stat", live.id).json["state"] == ["Failed", "Cancelled"]
+                assert call("Task.destroy", done.id).returncode == 0
+                assert call("Task.ls").returncode == 0
+                assert task_file_problems(state) == []
+                running_state = final.state
     finally:
         if sleeper is not None:
             sleeper.stop()
         kill_live_workers(state)
     report("real ENOSPC (64 KiB tmpfs)", calls=sum(len(v) for v in answers.values()),
-           exit_codes={k: v for k, v in answers.items()}, worker_running_when_full=repr(running_state), failures=0)
+           exit_codes={k: v for k, v in answers.items()}, worker_running_when_full=repr(running_state), failures=failures)
 
 
 def test_task_ls_still_lists_when_the_disk_is_full(tiny_fs, monkeypatch):
@@ -453,33 +461,35 @@ def test_cancel_and_destroy_return_while_another_process_holds_the_lock(store, s
     done = store.create("done")
     store.transition(done.id, lambda t: Completed(0.1))
     holders = []
+    failures = Failures()
     try:
-        for task_id in (tid, done.id):
-            lock = os.path.join(str(state_dir), "locks", task_id)
-            holders.append(_hold_lock(lock))
-            _wait_held(lock, holders[-1])
-        res = run_bin("Task.cancel", {"dbg": "d", "id": tid}, timeout=30)
-        assert (res.returncode, res.json) == (0, None), res.stdout
-        assert store.cancel_time(tid) is not None
-        res = run_bin("Task.stat", {"dbg": "d", "id": tid}, timeout=30)
-        assert res.returncode == 0 and res.json["state"][0] == "Pending", res.stdout
-        res = run_bin("Task.destroy", {"dbg": "d", "id": done.id}, timeout=30)
-        assert res.error_name == "Task_busy", res.stdout
-        assert store.get(done.id).state == Completed(0.1)
-        # The worker got its SIGTERM and waits for the lock to record its end.
-        for h in holders:
-            os.killpg(h.pid, signal.SIGKILL)
-            h.wait()
-        assert identity.wait_gone(ident, 30)
-        assert run_bin("Task.stat", {"dbg": "d", "id": tid}).json["state"] == ["Failed", "Cancelled"]
-        assert not out.exists()
-        assert run_bin("Task.destroy", {"dbg": "d", "id": done.id}).returncode == 0
+        with failures.trial():
+            for task_id in (tid, done.id):
+                lock = os.path.join(str(state_dir), "locks", task_id)
+                holders.append(_hold_lock(lock))
+                _wait_held(lock, holders[-1])
+            res = run_bin("Task.cancel", {"dbg": "d", "id": tid}, timeout=30)
+            assert (res.returncode, res.json) == (0, None), res.stdout
+            assert store.cancel_time(tid) is not None
+            res = run_bin("Task.stat", {"dbg": "d", "id": tid}, timeout=30)
+            assert res.returncode == 0 and res.json["state"][0] == "Pending", res.stdout
+            res = run_bin("Task.destroy", {"dbg": "d", "id": done.id}, timeout=30)
+            assert res.error_name == "Task_busy", res.stdout
+            assert store.get(done.id).state == Completed(0.1)
+            # The worker got its SIGTERM and waits for the lock to record its end.
+            for h in holders:
+                os.killpg(h.pid, signal.SIGKILL)
+                h.wait()
+            assert identity.wait_gone(ident, 30)
+            assert run_bin("Task.stat", {"dbg": "d", "id": tid}).json["state"] == ["Failed", "Cancelled"]
+            assert not out.exists()
+            assert run_bin("Task.destroy", {"dbg": "d", "id": done.id}).returncode == 0
     finally:
         for h in holders:
             if h.poll() is None:
                 os.killpg(h.pid, signal.SIGKILL)
                 h.wait()
-    report("lock held by another process", trials=1, faults_injected=2, failures=0)
+    report("lock held by another process", trials=1, faults_injected=2, failures=failures)
 
 
 def test_cancel_of_a_worker_stopped_while_holding_the_lock(store, state_dir, monkeypatch):
@@ -495,31 +505,33 @@ def test_cancel_of_a_worker_stopped_while_holding_the_lock(store, state_dir, mon
     lock = os.path.join(str(state_dir), "locks", task.id)
     p = subprocess.Popen(["sh", "-c", 'read go; exec flock "$1" sleep 60 7<"$0"', mark, lock],
                          start_new_session=True, stdin=subprocess.PIPE)
+    failures = Failures()
     try:
-        deadline = time.monotonic() + 10
-        while identity.identity(p.pid) is None or open("/proc/%d/comm" % p.pid).read().strip() != "sh":
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        ident = dict(identity.identity(p.pid), fd=7)
-        store.annotate(task.id, lambda t: setattr(t, "worker", ident))
-        p.stdin.write(b"go\n")
-        p.stdin.flush()
-        _wait_held(lock, p)
-        os.kill(p.pid, signal.SIGSTOP)
-        assert identity.matches(ident) and identity.holds(ident, marks.file_id(store, task.id))
-        res = run_bin("Task.cancel", {"dbg": "d", "id": task.id}, timeout=30)
-        assert (res.returncode, res.json) == (0, None), res.stdout
-        assert p.wait(30) == -signal.SIGKILL  # by the watchdog, without the lock
-        deadline = time.monotonic() + 20
-        while (state := run_bin("Task.stat", {"dbg": "d", "id": task.id}).json["state"])[0] == "Pending":
-            assert time.monotonic() < deadline, state
-            time.sleep(0.05)
-        assert state == ["Failed", "Cancelled"]
+        with failures.trial():
+            deadline = time.monotonic() + 10
+            while identity.identity(p.pid) is None or open("/proc/%d/comm" % p.pid).read().strip() != "sh":
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            ident = dict(identity.identity(p.pid), fd=7)
+            store.annotate(task.id, lambda t: setattr(t, "worker", ident))
+            p.stdin.write(b"go\n")
+            p.stdin.flush()
+            _wait_held(lock, p)
+            os.kill(p.pid, signal.SIGSTOP)
+            assert identity.matches(ident) and identity.holds(ident, marks.file_id(store, task.id))
+            res = run_bin("Task.cancel", {"dbg": "d", "id": task.id}, timeout=30)
+            assert (res.returncode, res.json) == (0, None), res.stdout
+            assert p.wait(30) == -signal.SIGKILL  # by the watchdog, without the lock
+            deadline = time.monotonic() + 20
+            while (state := run_bin("Task.stat", {"dbg": "d", "id": task.id}).json["state"])[0] == "Pending":
+                assert time.monotonic() < deadline, state
+                time.sleep(0.05)
+            assert state == ["Failed", "Cancelled"]
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-    report("stopped lock holder", trials=1, faults_injected=1, failures=0)
+    report("stopped lock holder", trials=1, faults_injected=1, failures=failures)
 
 
 def _damage(state_dir, task_id, kind, victim):
@@ -552,25 +564,28 @@ def test_destroy_works_on_a_task_with_a_damaged_lock(store, state_dir, tmp_path)
     victim = tmp_path / "victim"
     victim.write_text("keep me\n")
     trials = 0
+    failures = Failures()
     for kind in DAMAGE:
         done = store.create("damaged-" + kind)
         store.transition(done.id, lambda t: Completed(0.1))
         _damage(state_dir, done.id, kind, str(victim))
-        res = run_bin("Task.destroy", {"dbg": "d", "id": done.id})
-        assert (res.returncode, res.json) == (0, None), (kind, res.stdout)
-        assert run_bin("Task.stat", {"dbg": "d", "id": done.id}).error_name == "Task_does_not_exist", kind
-        lost = store.create("lost-" + kind)
-        ident = dead_identity()
-        store.annotate(lost.id, lambda t, ident=ident: setattr(t, "worker", ident))
-        _damage(state_dir, lost.id, kind, str(victim))
-        res = run_bin("Task.stat", {"dbg": "d", "id": lost.id})
-        assert res.returncode == 0 and res.json["state"][0] == "Failed", (kind, res.stdout)
-        assert run_bin("Task.destroy", {"dbg": "d", "id": lost.id}).returncode == 0, kind
-        assert victim.read_text() == "keep me\n", kind
+        with failures.trial():
+            res = run_bin("Task.destroy", {"dbg": "d", "id": done.id})
+            assert (res.returncode, res.json) == (0, None), (kind, res.stdout)
+            assert run_bin("Task.stat", {"dbg": "d", "id": done.id}).error_name == "Task_does_not_exist", kind
+            lost = store.create("lost-" + kind)
+            ident = dead_identity()
+            store.annotate(lost.id, lambda t, ident=ident: setattr(t, "worker", ident))
+            _damage(state_dir, lost.id, kind, str(victim))
+            res = run_bin("Task.stat", {"dbg": "d", "id": lost.id})
+            assert res.returncode == 0 and res.json["state"][0] == "Failed", (kind, res.stdout)
+            assert run_bin("Task.destroy", {"dbg": "d", "id": lost.id}).returncode == 0, kind
+            assert victim.read_text() == "keep me\n", kind
         trials += 2
-    assert store.ids() == []
-    assert task_file_problems(state_dir) == []
-    report("damaged lock files", trials=trials, faults_injected=trials, kinds=len(DAMAGE), failures=0)
+    with failures.trial():
+        assert store.ids() == []
+        assert task_file_problems(state_dir) == []
+    report("damaged lock files", trials=trials, faults_injected=trials, kinds=len(DAMAGE), failures=failures)
 
 
 def test_worker_on_a_full_state_directory_records_why_it_stopped(tiny_fs, tmp_path, monkeypatch):
@@ -583,7 +598,7 @@ def test_worker_on_a_full_state_directory_records_why_it_stopped(tiny_fs, tmp_pa
     monkeypatch.setenv("TASK_SYSLOG", "0")
     from ops import write_steps
 
-    outcomes = {}
+    outcomes, failures = {}, Failures()
     with Store(str(state)) as store:
         for n in range(3):
             out = tmp_path / ("out%d" % n)
@@ -592,18 +607,21 @@ def test_worker_on_a_full_state_directory_records_why_it_stopped(tiny_fs, tmp_pa
             os.kill(ident["pid"], signal.SIGSTOP)
             filler = _fill(str(tiny_fs))
             os.kill(ident["pid"], signal.SIGCONT)
-            assert identity.wait_gone(ident, 30)
-            final = store.get(tid).state  # recorded while the disk is still full
-            os.unlink(filler)
-            if isinstance(final, Completed):
-                outcomes["Completed"] = outcomes.get("Completed", 0) + 1
-                assert out.read_text().count("step") == 20
-            else:
-                assert "No space left on device" in final.message and "Worker lost" not in final.message, final
-                assert not out.exists()
-                outcomes["Failed, no space"] = outcomes.get("Failed, no space", 0) + 1
-            store.destroy(tid)
-    report("workers meeting a full state directory", trials=3, faults_injected=3, outcomes=outcomes, failures=0)
+            with failures.trial():
+                try:
+                    assert identity.wait_gone(ident, 30)
+                    final = store.get(tid).state  # recorded while the disk is still full
+                finally:
+                    os.unlink(filler)
+                if isinstance(final, Completed):
+                    outcomes["Completed"] = outcomes.get("Completed", 0) + 1
+                    assert out.read_text().count("step") == 20
+                else:
+                    assert "No space left on device" in final.message and "Worker lost" not in final.message, final
+                    assert not out.exists()
+                    outcomes["Failed, no space"] = outcomes.get("Failed, no space", 0) + 1
+                store.destroy(tid)
+    report("workers meeting a full state directory", trials=3, faults_injected=3, outcomes=outcomes, failures=failures)
 
 
 def test_destroy_works_on_any_damaged_task(store, state_dir, tmp_path):
@@ -636,18 +654,21 @@ def test_destroy_works_on_any_damaged_task(store, state_dir, tmp_path):
         os.makedirs(os.path.join(root, "cancels", tid))
 
     damages = (task_file_symlink, task_file_directory, task_file_torn, mark_directory, cancel_directory)
+    failures = Failures()
     for damage in damages:
         task = store.create(damage.__name__)
         store.transition(task.id, lambda t: Completed(0.1))
         damage(task.id)
-        res = run_bin("Task.destroy", {"dbg": "d", "id": task.id})
-        assert (res.returncode, res.json) == (0, None), (damage.__name__, res.stdout)
-        assert run_bin("Task.stat", {"dbg": "d", "id": task.id}).error_name == "Task_does_not_exist", damage.__name__
-        left = [os.path.join(d, n) for d in ("tasks", "locks", "pending", "cancels", "logs")
-                for n in _listdir(os.path.join(root, d)) if n.startswith(task.id)]
-        assert left == [], (damage.__name__, left)
-    assert victim.read_text() == "keep me\n"
-    report("damaged tasks destroyed", trials=len(damages), faults_injected=len(damages), failures=0)
+        with failures.trial():
+            res = run_bin("Task.destroy", {"dbg": "d", "id": task.id})
+            assert (res.returncode, res.json) == (0, None), (damage.__name__, res.stdout)
+            assert run_bin("Task.stat", {"dbg": "d", "id": task.id}).error_name == "Task_does_not_exist", damage.__name__
+            left = [os.path.join(d, n) for d in ("tasks", "locks", "pending", "cancels", "logs")
+                    for n in _listdir(os.path.join(root, d)) if n.startswith(task.id)]
+            assert left == [], (damage.__name__, left)
+    with failures.trial():
+        assert victim.read_text() == "keep me\n"
+    report("damaged tasks destroyed", trials=len(damages), faults_injected=len(damages), failures=failures)
 
 
 def _listdir(path):

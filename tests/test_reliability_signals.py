@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import BIN, SRC, run_bin
-from faults import Bystander, report
+from faults import Bystander, Failures, report
 from xapi_storage_tasks.tasks import lifecycle, marks
 from xapi_storage_tasks.process import identity
 
@@ -122,13 +122,15 @@ def test_cancel_never_signals_a_non_worker(store, state_dir, monkeypatch, guarde
         cancels = _run_all("Task.cancel", task_ids)
         stats = _run_all("Task.stat", task_ids)
         elapsed = time.monotonic() - t0
-        states = {}
+        states, failures = {}, Failures()
         for name, (c_code, c_out), (s_code, s_out) in zip(names, cancels, stats):
-            assert (c_code, c_out) == (0, b"null\n"), (name, c_code, c_out)
-            assert s_code == 0, (name, s_out)
-            states[name] = json.loads(s_out)["state"][0]
+            with failures.trial():
+                assert (c_code, c_out) == (0, b"null\n"), (name, c_code, c_out)
+                assert s_code == 0, (name, s_out)
+                states[name] = json.loads(s_out)["state"][0]
         exact = [name for name in names if name.startswith("exact")]
-        assert {states[name] for name in exact} == {"Failed"}, states  # not workers: lost, never signalled
+        with failures.trial():
+            assert {states.get(name) for name in exact} == {"Failed"}, states  # not workers: lost, never signalled
         # A worker field that is not even an object makes the file unreadable:
         # cancel reports it and signals nobody.
         bad = store.create("tampered")
@@ -138,7 +140,8 @@ def test_cancel_never_signals_a_non_worker(store, state_dir, monkeypatch, guarde
         record["worker"] = [r["pid"], r["start"]]
         with open(path, "w") as f:
             json.dump(record, f)
-        assert run_bin("Task.cancel", {"dbg": "d", "id": bad.id}).error_name == "Task_corrupt"
+        with failures.trial():
+            assert run_bin("Task.cancel", {"dbg": "d", "id": bad.id}).error_name == "Task_corrupt"
         # The same identities straight at the signalling function.
         direct, raised = [], {}
         for name, mark in zip(names, task_marks):
@@ -148,18 +151,19 @@ def test_cancel_never_signals_a_non_worker(store, state_dir, monkeypatch, guarde
                 direct.append(False)
                 raised[name] = type(e).__name__
         time.sleep(0.2)  # let any stray signal land
-        for b in bystanders:
-            assert b.alive(), "bystander %d was signalled (state %s)" % (b.pid, b.state())
-            assert b.state() in ("S", "R", "D"), b.state()
-        os.kill(member, 0)
-        assert identity.matches(member_ident), "group member was signalled"
-        assert guarded == [], "the test runner got SIGTERM"
-        assert direct == [False] * len(names), dict(zip(names, direct))
+        signalled = [b.pid for b in bystanders if not (b.alive() and b.state() in ("S", "R", "D"))]
+        signalled += [] if identity.matches(member_ident) else [member]
+        with failures.trial():
+            assert signalled == [], "bystanders signalled: %s" % signalled
+        with failures.trial():
+            assert guarded == [], "the test runner got SIGTERM"
+        with failures.trial():
+            assert direct == [False] * len(names), dict(zip(names, direct))
         stuck = sorted(name for name, s in states.items() if s == "Pending")
         report("forged identities", identities_tried=len(names) + 1, cancel_calls=len(names) + 1, stat_calls=len(names),
                direct_signal_calls=len(names), direct_calls_that_raised=raised,
-               bystanders=len(bystanders) + 1, bystanders_signalled=0,
-               seconds=round(elapsed, 1), left_pending=stuck, failures=0)
+               bystanders=len(bystanders) + 1, bystanders_signalled=len(signalled),
+               seconds=round(elapsed, 1), left_pending=stuck, failures=failures)
     finally:
         for b in bystanders:
             b.stop()

@@ -8,28 +8,46 @@ last detach. It serves the image as an NBD export on a Unix socket
 worker (which keeps one session open to follow its job's events) and
 ``K.ctl`` for short calls (the QMP socket serves one client at a time).
 
-Its record, ``K.qsd`` (plain JSON), is written by the spawned process
-itself just before it becomes qemu-storage-daemon (``exec`` keeps the pid,
-start time and process group): whatever instant the calling process is
-killed at, a running daemon is recorded. Signals go only to the recorded
-identity, verified first (:mod:`xapi_storage_tasks.process.identity`). A
-record whose process is gone is a daemon that died: the next call reports
-it (:class:`~xapi_storage_tasks.wire.errors.DaemonLost`).
+Its record, ``K.qsd`` (:class:`StorageDaemon`, plain versioned JSON), is
+written by the spawned process itself just before it becomes
+qemu-storage-daemon (``exec`` keeps the pid, start time and process
+group): whatever instant the calling process is killed at, a running
+daemon is recorded. The start-up handshake is spawn's
+:class:`~xapi_storage_tasks.process.spawn.Readiness`: why a daemon could not
+start (before or at its exec) reaches the caller's error. The record says
+``served`` once a caller has seen the daemon serve, before any caller is
+given its export: a record never seen serving belongs to a start whose
+caller died, and is finished or cleared silently by the next call
+(:func:`finish_start`); a served daemon found dead is reported
+(:class:`~xapi_storage_tasks.wire.errors.DaemonLost`). Signals go only to
+the recorded identity, verified first
+(:mod:`xapi_storage_tasks.process.identity`).
+
+Before its exec the daemon takes an OFD write lock on byte
+:data:`LOCK_BYTE` of its image and holds it for its whole life (the kernel
+drops it when the daemon dies): a second daemon on the same image (another
+state directory, or one wiped while its daemon runs) is refused. QEMU's
+own image lock cannot do it for raw images: the NBD export shares every
+permission and the raw driver passes them through to the file, so two
+daemons writing one raw file do not conflict for QEMU (qcow2 does not
+share writes of its file, for its metadata).
 """
 
+import fcntl
 import json
 import os
-import select
 import shutil
 import signal
+import struct
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from xapi_storage_tasks import settings
-from xapi_storage_tasks.wire.errors import DaemonFailed, DaemonLost
+from xapi_storage_tasks.datapath import chain
 from xapi_storage_tasks.datapath.volume import Record, Volumes
 from xapi_storage_tasks.process import identity
-from xapi_storage_tasks.process.spawn import spawn
+from xapi_storage_tasks.process.spawn import Readiness, spawn
+from xapi_storage_tasks.wire.errors import DaemonFailed, DaemonLost
 
 VERSION = 1
 START_TIMEOUT = 10.0
@@ -37,6 +55,42 @@ STOP_GRACE = 5.0
 NODE = "vol"  # the node the export serves and mirrors read from
 SUN_PATH_MAX = 107  # bytes in sockaddr_un.sun_path, less the terminating NUL
 FILES = ("qsd", "pid", "nbd", "qmp", "ctl", "log")
+LOCK_BYTE = 300  # QEMU's image locks use bytes 100-104 and 200-204: this one is ours alone
+
+
+class StorageDaemon(NamedTuple):
+    """The record of a volume's daemon, ``K.qsd``."""
+
+    identity: Dict[str, Any]  # the process (see identity.identity)
+    uri: str
+    path: str
+    export: str  # the NBD export's name: the volume's key
+    nbd: str
+    qmp: str
+    ctl: str
+    started: float
+    served: bool  # a caller saw it serve (and may have handed out its export)
+
+    def to_json(self) -> Dict[str, Any]:
+        """The JSON object written to ``K.qsd``."""
+        return dict(self._asdict(), version=VERSION)
+
+    @classmethod
+    def from_json(cls, obj: Any) -> "StorageDaemon":
+        """Parse a record; ValueError naming what is wrong. ``served`` is
+        absent from records older than it: those count as served."""
+        if not isinstance(obj, dict) or obj.get("version") != VERSION:
+            raise ValueError("not a version %d daemon record" % VERSION)
+        if not isinstance(obj.get("identity"), dict):
+            raise ValueError("field 'identity' is missing or mistyped")
+        for name in ("uri", "path", "export", "nbd", "qmp", "ctl"):
+            if not isinstance(obj.get(name), str):
+                raise ValueError("field %r is missing or mistyped" % name)
+        started, served = obj.get("started"), obj.get("served", True)
+        if type(started) not in (int, float) or type(served) is not bool:
+            raise ValueError("field 'started' or 'served' is mistyped")
+        return cls(obj["identity"], obj["uri"], obj["path"], obj["export"], obj["nbd"], obj["qmp"], obj["ctl"],
+                   float(obj["started"]), served)
 
 
 def binary() -> str:
@@ -69,10 +123,10 @@ def sockets(vols: Volumes, key: str) -> Dict[str, str]:
 
 
 def argv(vols: Volumes, record: Record) -> List[str]:
-    """The daemon's command line for the volume."""
+    """The daemon's command line for the volume: its vetted chain pinned
+    (InvalidArguments if the image references what it must not)."""
     paths = sockets(vols, record.key)
-    blockdev = {"driver": record.driver, "node-name": NODE,
-                "file": {"driver": "file", "filename": record.path, "aio": "threads"}}
+    blockdev = chain.blockdev(chain.vet(record.path, record.driver), NODE)
     export = {"type": "nbd", "id": "exp0", "node-name": NODE, "name": record.key, "writable": True}
     return [
         binary(),
@@ -85,17 +139,20 @@ def argv(vols: Volumes, record: Record) -> List[str]:
     ]
 
 
-def load(vols: Volumes, key: str) -> Optional[Dict[str, Any]]:
+def load(vols: Volumes, key: str) -> Optional[StorageDaemon]:
     """The daemon record of volume ``key``, or None."""
-    daemon = vols.read_json(key + ".qsd")
-    if daemon is not None and not (isinstance(daemon, dict) and isinstance(daemon.get("identity"), dict)):
-        raise DaemonFailed("daemon record %s.qsd is malformed" % key)
-    return daemon
+    obj = vols.read_json(key + ".qsd")
+    if obj is None:
+        return None
+    try:
+        return StorageDaemon.from_json(obj)
+    except ValueError as e:
+        raise DaemonFailed("daemon record %s.qsd is malformed: %s" % (key, e)) from None
 
 
-def alive(daemon: Dict[str, Any]) -> bool:
+def alive(daemon: StorageDaemon) -> bool:
     """The recorded daemon is running (same pid, start time and boot)."""
-    return identity.matches(daemon["identity"]) and identity.refusal(daemon["identity"]) is None
+    return identity.matches(daemon.identity) and identity.refusal(daemon.identity) is None
 
 
 def log_tail(vols: Volumes, key: str, limit: int = 600) -> str:
@@ -113,70 +170,114 @@ def log_tail(vols: Volumes, key: str, limit: int = 600) -> str:
 
 
 def forget(vols: Volumes, key: str) -> None:
-    """Remove every file of a daemon that is gone (only our own names)."""
+    """Remove every file of a daemon that is gone (only our own names),
+    with any temporary record a writer killed midway left."""
     for suffix in FILES:
         vols.unlink(key + "." + suffix)
+    prefix = key + ".qsd.tmp-"
+    for name in os.listdir(vols.fd):
+        if name.startswith(prefix):
+            vols.unlink(name)
 
 
-def lost(vols: Volumes, key: str, daemon: Dict[str, Any]) -> DaemonLost:
+def lost(vols: Volumes, key: str, daemon: StorageDaemon) -> DaemonLost:
     """The error for a daemon found dead; its files are removed, so the
     next attach starts a fresh one."""
     why = log_tail(vols, key)
     forget(vols, key)
     return DaemonLost("qemu-storage-daemon of %s (pid %s) is gone%s; guests lost their connection to it"
-                      % (daemon.get("uri"), daemon["identity"].get("pid"), ": " + why if why else ""))
+                      % (daemon.uri, daemon.identity.get("pid"), ": " + why if why else ""))
 
 
-def _become_daemon(store_path: str, record: Record, args: List[str], ready_fd: int) -> None:
-    """In the detached process: record ourselves, then exec the daemon."""
+def _lock_image(path: str) -> None:
+    """Take the image's lock (byte LOCK_BYTE, OFD write lock) on a
+    descriptor the daemon inherits, so it holds the lock until it dies."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("@hhqqi0q", fcntl.F_WRLCK, os.SEEK_SET, LOCK_BYTE, 1, 0))
+    except (BlockingIOError, PermissionError):
+        raise RuntimeError("image %s is in use: another qemu-storage-daemon holds its lock (byte %d of the file)"
+                           % (path, LOCK_BYTE)) from None
+    os.set_inheritable(fd, True)
+
+
+def _become_daemon(store_path: str, record: Record, args: List[str], readiness: Readiness) -> None:
+    """In the detached process: lock the image, record ourselves, then
+    exec the daemon; any failure's reason goes to the starter (spawn)."""
     from xapi_storage_tasks.tasks.store import Store
 
     store = Store(store_path)
     vols = Volumes(store)
+    _lock_image(record.path)
     paths = sockets(vols, record.key)
-    vols.write_json(record.key + ".qsd", {
-        "version": VERSION, "identity": identity.identity(), "uri": record.uri, "path": record.path,
-        "export": record.key, "nbd": paths["nbd"], "qmp": paths["qmp"], "ctl": paths["ctl"], "started": time.time(),
-    })
+    ident = identity.identity()
+    assert ident is not None  # this process is alive
+    daemon = StorageDaemon(ident, record.uri, record.path, record.key, paths["nbd"], paths["qmp"], paths["ctl"],
+                           time.time(), served=False)
+    vols.write_json(record.key + ".qsd", daemon.to_json())
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
     log = os.open(record.key + ".log", flags, 0o600, dir_fd=vols.fd)
     os.dup2(log, 1)
     os.dup2(log, 2)
-    os.write(ready_fd, b"!")
-    os.close(ready_fd)
-    os.execv(args[0], args)
+    readiness.exec(args)
 
 
-def start(vols: Volumes, record: Record) -> Dict[str, Any]:
-    """Start the volume's daemon (under its lock, none running) and return
-    its record once it serves; DaemonFailed (with its stderr) otherwise."""
+def start(vols: Volumes, record: Record) -> StorageDaemon:
+    """Start the volume's daemon (under its lock, none recorded) and return
+    its record once it serves; DaemonFailed saying why otherwise."""
     args = argv(vols, record)
     forget(vols, record.key)  # leftovers of a daemon that is gone
-    ready_r, ready_w = os.pipe()
+    readiness = Readiness()
     try:
-        spawn(lambda: _become_daemon(vols.store.path, record, args, ready_w), keep_fds=[ready_w])
+        spawn(lambda: _become_daemon(vols.store.path, record, args, readiness), readiness=readiness)
     finally:
-        os.close(ready_w)
-    try:
-        ready, _, _ = select.select([ready_r], [], [], START_TIMEOUT)
-        recorded = bool(ready) and os.read(ready_r, 1) == b"!"
-    finally:
-        os.close(ready_r)
-    daemon = load(vols, record.key) if recorded else None
-    if daemon is None:
-        raise DaemonFailed("qemu-storage-daemon for %s could not be started" % record.uri)
-    deadline = time.monotonic() + START_TIMEOUT
-    pidfile = vols.file(record.key, "pid")
-    while not (os.path.exists(pidfile) and os.path.exists(daemon["nbd"])):
+        readiness.close_sender()
+    deadline = time.monotonic() + START_TIMEOUT  # one deadline: the exec and the first serving
+    started, why = readiness.wait(START_TIMEOUT, until_closed=True)
+    daemon = load(vols, record.key)
+    if started is None:
+        if daemon is not None:
+            stop(vols, record.key, daemon)  # if nothing vouches for it yet, its record stays for the next call
+        raise DaemonFailed("qemu-storage-daemon for %s did not start within %.0fs" % (record.uri, START_TIMEOUT))
+    if not started or daemon is None:
+        forget(vols, record.key)
+        raise DaemonFailed("qemu-storage-daemon for %s could not be started: %s"
+                           % (record.uri, why or "it exited before its exec without a word"))
+    return _until_serving(vols, record.key, daemon, deadline)
+
+
+def _until_serving(vols: Volumes, key: str, daemon: StorageDaemon, deadline: float) -> StorageDaemon:
+    """Wait until the daemon serves (its pidfile, written after every
+    option is in place, and its NBD socket exist), then record it served."""
+    pidfile = vols.file(key, "pid")
+    while not (os.path.exists(pidfile) and os.path.exists(daemon.nbd)):
         if not alive(daemon):
-            why = log_tail(vols, record.key)
-            forget(vols, record.key)
-            raise DaemonFailed("qemu-storage-daemon for %s exited at start: %s" % (record.uri, why or "no message"))
+            why = log_tail(vols, key)
+            forget(vols, key)
+            raise DaemonFailed("qemu-storage-daemon for %s exited at start: %s" % (daemon.uri, why or "no message"))
         if time.monotonic() >= deadline:
-            stop(vols, record.key, daemon)
-            raise DaemonFailed("qemu-storage-daemon for %s did not start serving within %.0fs" % (record.uri, START_TIMEOUT))
+            stop(vols, key, daemon)
+            raise DaemonFailed("qemu-storage-daemon for %s did not start serving within %.0fs" % (daemon.uri, START_TIMEOUT))
         time.sleep(0.005)
+    daemon = daemon._replace(served=True)
+    vols.write_json(key + ".qsd", daemon.to_json())
     return daemon
+
+
+def finish_start(vols: Volumes, key: str, daemon: StorageDaemon) -> Optional[StorageDaemon]:
+    """A daemon never seen serving (its starter died midway): wait for it
+    to serve and return it recorded served, or, if it cannot serve, clear
+    it and return None. Nobody was ever given its export, so nobody lost
+    it: no DaemonLost. DaemonFailed only if it would not stop."""
+    if not alive(daemon):
+        forget(vols, key)
+        return None
+    try:
+        return _until_serving(vols, key, daemon, time.monotonic() + START_TIMEOUT)
+    except DaemonFailed:
+        if load(vols, key) is not None:
+            raise
+        return None
 
 
 def _mark(vols: Volumes, key: str) -> Optional[Tuple[int, int]]:
@@ -207,11 +308,11 @@ def mark_fd(pid: int, mark: Tuple[int, int]) -> Optional[int]:
     return None
 
 
-def stop(vols: Volumes, key: str, daemon: Dict[str, Any]) -> bool:
+def stop(vols: Volumes, key: str, daemon: StorageDaemon) -> bool:
     """Stop the recorded daemon (SIGTERM: it flushes and exits; SIGKILL
     after a grace) and remove its files. False if it would not go: its
     record stays, so a later call finishes the job."""
-    ident = daemon["identity"]
+    ident = daemon.identity
     if alive(daemon):
         mark = _mark(vols, key)
         # Which descriptor holds the mark is looked up now, not recorded (a
@@ -230,14 +331,14 @@ def stop(vols: Volumes, key: str, daemon: Dict[str, Any]) -> bool:
     return True
 
 
-def describe(daemon: Dict[str, Any]) -> Dict[str, Any]:
+def describe(daemon: StorageDaemon) -> Dict[str, Any]:
     """What Plugin.diagnostics shows of a daemon: its record and, while it
     runs, psutil's view of the process (memory, CPU time, status)."""
     import psutil
 
-    ident = daemon["identity"]
-    out: Dict[str, Any] = {"pid": ident.get("pid"), "nbd": daemon.get("nbd"), "export": daemon.get("export"),
-                           "started": daemon.get("started"), "running": alive(daemon)}
+    ident = daemon.identity
+    out: Dict[str, Any] = {"pid": ident.get("pid"), "nbd": daemon.nbd, "export": daemon.export,
+                           "started": daemon.started, "served": daemon.served, "running": alive(daemon)}
     if out["running"]:
         try:
             proc = psutil.Process(ident["pid"])

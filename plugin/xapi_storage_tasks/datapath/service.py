@@ -101,9 +101,9 @@ def diagnostics(dbg: str) -> str:
 # -- Datapath.* ---------------------------------------------------------------------------
 
 
-def nbd_uri(daemon: Dict[str, Any]) -> str:
+def nbd_uri(daemon: qsd.StorageDaemon) -> str:
     """The Nbd implementation's URI, in the exact form the toolstack parses."""
-    return "nbd:unix:%s:exportname=%s" % (daemon["nbd"], daemon["export"])
+    return "nbd:unix:%s:exportname=%s" % (daemon.nbd, daemon.export)
 
 
 def attach(dbg: str, uri: str, domain: str) -> Dict[str, Any]:
@@ -166,7 +166,7 @@ def deactivate(dbg: str, uri: str, domain: str) -> None:
         mirror = record.mirror
         if mirror is not None and mirror.domain == domain and daemon is not None and mirrors.running_task(v.store, mirror):
             started = time.monotonic()
-            problem = mirrors.drain(v.store, daemon["ctl"], mirror, mirrors.drain_timeout())
+            problem = mirrors.drain(v.store, daemon.ctl, mirror, mirrors.drain_timeout())
             event(v.store, "deactivate of %s for domain %s: mirror task %s %s after %.3fs", uri, domain,
                   mirror.task, "not drained: " + problem if problem else "drained", time.monotonic() - started)
         if record.mirror is not None and mirrors.running_task(v.store, record.mirror) is None:
@@ -183,7 +183,7 @@ def deactivate(dbg: str, uri: str, domain: str) -> None:
             raise MirrorFailed(problem)
 
 
-def _flush(daemon: Dict[str, Any]) -> None:
+def _flush(daemon: qsd.StorageDaemon) -> None:
     """Flush the volume: NBD_CMD_FLUSH through its export makes
     qemu-storage-daemon write back everything acknowledged so far."""
     from xapi_storage_tasks.nbd.protocol import Client, Timeouts
@@ -192,7 +192,7 @@ def _flush(daemon: Dict[str, Any]) -> None:
     # Bounded: deactivate sits in the migration's downtime window.
     t = FLUSH_TIMEOUT
     timeouts = Timeouts(connect=t, handshake=t, io=t, flush=t)
-    with Client.connect(Address(daemon["nbd"], None, 0, daemon["export"]), timeouts) as client:
+    with Client.connect(Address(daemon.nbd, None, 0, daemon.export), timeouts) as client:
         client.flush()
 
 
@@ -223,7 +223,7 @@ def mirror(dbg: str, uri: str, domain: str, remote: str) -> str:
         placeholder = Mirror.new("", domain)
         relay = v.vols.file(v.key, placeholder.relay)
         qsd.check_socket_path(relay)
-        args = {"key": v.key, "qmp_path": daemon["qmp"], "relay_path": relay, "job": placeholder.job,
+        args = {"key": v.key, "qmp_path": daemon.qmp, "relay_path": relay, "job": placeholder.job,
                 "node": placeholder.node, "remote": remote, "stall": mirrors.stall_timeout(), "uri": uri}
         # The record names the task before its worker exists: killed here,
         # the task is reconciled as lost and the record with it.

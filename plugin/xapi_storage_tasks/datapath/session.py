@@ -17,7 +17,7 @@ from xapi_storage_tasks.datapath import qsd, schemes
 from xapi_storage_tasks.datapath.volume import Mirror, Record, Volumes, key_of
 from xapi_storage_tasks.tasks import lifecycle, log
 from xapi_storage_tasks.tasks.store import Store
-from xapi_storage_tasks.wire.errors import PluginError, VolumeInUse
+from xapi_storage_tasks.wire.errors import DaemonFailed, PluginError, VolumeInUse
 
 FINISH_WAIT = 600.0  # how long a queued detach waits for a busy volume
 
@@ -63,13 +63,24 @@ class Locked:
             raise VolumeInUse("image %s is in use as %s" % (self.vol.path, record.uri))
         return record
 
-    def serving(self) -> Any:
-        """The live daemon of the volume, started if none runs; a daemon
-        that died is reported (and forgotten, so the next call starts anew)."""
+    def serving(self) -> qsd.StorageDaemon:
+        """The live daemon of the volume, started if none runs. A daemon
+        that served and died is reported (and forgotten, so the next call
+        starts anew); one never seen serving (its starter died midway) is
+        finished or cleared silently: nobody was given its export."""
         daemon = qsd.load(self.vols, self.key)
+        if daemon is not None and not daemon.served:
+            pid = daemon.identity.get("pid")
+            daemon = qsd.finish_start(self.vols, self.key, daemon)
+            event(self.store, "a start of qemu-storage-daemon pid %s for %s was interrupted: %s", pid, self.vol.uri,
+                  "cleared" if daemon is None else "it serves")
         if daemon is None:
-            daemon = qsd.start(self.vols, self.record())
-            event(self.store, "started qemu-storage-daemon pid %d for %s", daemon["identity"]["pid"], self.vol.uri)
+            try:
+                daemon = qsd.start(self.vols, self.record())
+            except DaemonFailed as e:
+                event(self.store, "%s", e)
+                raise
+            event(self.store, "started qemu-storage-daemon pid %d for %s", daemon.identity["pid"], self.vol.uri)
         elif not qsd.alive(daemon):
             error = qsd.lost(self.vols, self.key, daemon)
             event(self.store, "%s", error)
@@ -145,7 +156,7 @@ def detach_locked(vols: Volumes, key: str, domain: str) -> bool:
     elif daemon is not None:
         if not qsd.stop(vols, key, daemon):
             return False
-        event(vols.store, "stopped qemu-storage-daemon pid %s of %s", daemon["identity"]["pid"], daemon.get("uri"))
+        event(vols.store, "stopped qemu-storage-daemon pid %s of %s", daemon.identity["pid"], daemon.uri)
     if record is not None and record.mirror is not None:  # its job went with the daemon
         record.mirror = None
         vols.save(record)
@@ -154,7 +165,7 @@ def detach_locked(vols: Volumes, key: str, domain: str) -> bool:
     return True
 
 
-def drop_mirror(vols: Volumes, record: Record, daemon: Optional[Any]) -> bool:
+def drop_mirror(vols: Volumes, record: Record, daemon: Optional[qsd.StorageDaemon]) -> bool:
     """Forget a volume's ended mirror (the record is saved by the caller).
     A job its worker did not end is ended first; one that will not end yet
     keeps the mirror in the record, so the next call tries again. True if
@@ -164,7 +175,7 @@ def drop_mirror(vols: Volumes, record: Record, daemon: Optional[Any]) -> bool:
         return False
     if daemon is not None and qsd.alive(daemon) and mirrors.orphaned(vols.store, mirror):
         event(vols.store, "ending the job of mirror task %s, which its worker did not end", mirror.task)
-        if not mirrors.abort(daemon["ctl"], mirror):
+        if not mirrors.abort(daemon.ctl, mirror):
             return False
         try:
             mirrors.set_flags(vols.store, mirror.task, job_ended=True)

@@ -15,7 +15,7 @@ import select
 import signal
 import sys
 import time
-from typing import Callable, ContextManager, List, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, List, NoReturn, Optional, Sequence, Tuple
 
 _READY = b"!"
 _REFUSED = b"?"
@@ -38,14 +38,31 @@ class Readiness:
         """(Detached side) say why start-up failed."""
         self._send(_REFUSED + why.encode("utf-8", "replace"))
 
-    def _send(self, data: bytes) -> None:
+    def exec(self, args: Sequence[str]) -> NoReturn:
+        """(Detached side) become the program ``args``, saying "ready" only
+        if the exec succeeds: the handshake's end is close-on-exec, so the
+        starter's ``wait(until_closed=True)`` sees it close at the exec, or
+        reads why the exec failed."""
+        self._write(_READY)
+        try:
+            os.execv(args[0], list(args))
+        except OSError as e:
+            self.refuse("cannot run %s: %s" % (args[0], e.strerror or e))
+            raise
+
+    def _write(self, data: bytes) -> None:
         if self.fd < 0:
             return
         try:
             os.write(self.fd, data)
+        except BrokenPipeError:
+            pass  # the starter is gone: nobody to tell, and no reason to stop
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self._write(data)
         finally:
-            os.close(self.fd)
-            self.fd = -1
+            self.close_sender()
 
     def close_sender(self) -> None:
         """Drop this process's copy of the sending end (the starter's side
@@ -66,8 +83,9 @@ class Readiness:
         once this returns, the detached process holds nothing of the
         handshake).
         Returns ``(True, "")`` when ready, ``(False, why)`` when the process
-        refused or exited without a word (``why`` is then empty), and
-        ``(None, "")`` when it said nothing in time (it may still start)."""
+        refused (also after a "ready" an exec then took back) or exited
+        without a word (``why`` is then empty), and ``(None, "")`` when it
+        said nothing in time (it may still start)."""
         self.close_sender()
         chunks: List[bytes] = []
         deadline = time.monotonic() + timeout
@@ -88,9 +106,10 @@ class Readiness:
             os.close(self._r)
             self._r = -1
         verdict = b"".join(chunks)
-        if verdict[:1] == _READY:
+        if verdict == _READY or (verdict[:1] == _READY and not until_closed):
             return True, ""
-        return False, verdict[1:].decode("utf-8", "replace")
+        why = verdict[1:] if verdict[:1] == _REFUSED else verdict[2:]  # "!?why": an exec that failed
+        return False, why.decode("utf-8", "replace")
 
 
 def _daemonize(keep_fds: Sequence[int], pidfile: Optional[ContextManager[object]]) -> None:
@@ -151,14 +170,16 @@ def spawn(target: Callable[[], object], keep_fds: Sequence[int] = (),
           readiness: Optional[Readiness] = None) -> None:
     """Run ``target()`` in a daemon made by :func:`detach`; returns in the
     caller once it is detached. The daemon exits 0 when ``target`` returns,
-    1 when it raises."""
+    1 when it raises; if it raises before saying "ready", ``readiness``
+    carries the exception's text to the starter."""
     if not detach(keep_fds, readiness=readiness):
         return
     code = 1
     try:
         target()
         code = 0
-    except BaseException:
-        pass
+    except BaseException as exc:
+        if readiness is not None:
+            readiness.refuse(str(exc) or type(exc).__name__)
     finally:
         os._exit(code)
