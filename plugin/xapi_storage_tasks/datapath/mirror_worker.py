@@ -198,6 +198,8 @@ class _Follower:
 
     async def _concluded(self, state: Dict[str, Any]) -> None:
         deadline = time.monotonic() + self.stall
+        if self.phase == DRAINING and self.deadline is not None:
+            deadline = min(deadline, self.deadline)  # the flush below is part of the drain
         await self._command("job-dismiss", {"id": self.job}, deadline, "the job would not go")
         # Deleting the node closes it, which flushes the target: bounded too.
         await self._command("blockdev-del", {"node-name": self.node}, deadline, "the target did not flush")
