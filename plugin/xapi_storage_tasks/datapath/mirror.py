@@ -24,7 +24,7 @@ from xapi_storage_tasks.datapath.volume import Mirror
 from xapi_storage_tasks.tasks.record import Task
 from xapi_storage_tasks.tasks.state import CANCELLED, Completed, Failed
 from xapi_storage_tasks.tasks.store import Store
-from xapi_storage_tasks.wire.errors import DaemonFailed, PluginError, VolumeInUse
+from xapi_storage_tasks.wire.errors import StorageDaemonFailed, PluginError, VolumeInUse
 
 KIND = "MirrorV1"
 DEFAULT_DRAIN_TIMEOUT = 10.0
@@ -184,7 +184,7 @@ async def end_job(client: Any, job: str, node: str, deadline: float) -> None:
 
     try:
         await qmp.execute(client, "block-job-cancel", {"device": job, "force": True}, left())
-    except DaemonFailed:
+    except StorageDaemonFailed:
         pass  # no such job any more, or already ending
     while True:
         state = next((j for j in await qmp.execute(client, "query-jobs", None, left()) if j.get("id") == job), None)
@@ -195,7 +195,7 @@ async def end_job(client: Any, job: str, node: str, deadline: float) -> None:
     for name, args in (("job-dismiss", {"id": job}), ("blockdev-del", {"node-name": node})):
         try:
             await qmp.execute(client, name, args, left())
-        except DaemonFailed:
+        except StorageDaemonFailed:
             pass  # already gone
 
 

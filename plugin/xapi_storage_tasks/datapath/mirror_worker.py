@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 from xapi_storage_tasks.datapath import mirror as mirrors
 from xapi_storage_tasks.datapath import qmp
 from xapi_storage_tasks.datapath.relay import Relay
-from xapi_storage_tasks.wire.errors import DaemonFailed, MirrorFailed, PluginError
+from xapi_storage_tasks.wire.errors import StorageDaemonFailed, MirrorFailed, PluginError
 
 if TYPE_CHECKING:
     from xapi_storage_tasks.tasks.worker import Context
@@ -98,7 +98,7 @@ class _Follower:
             self.ctx.log("job %s started (sync=full, copy-mode=write-blocking, stall bound %gs)" % (self.job, self.stall))
             self.phase = SYNCING
             await self._follow()
-        except DaemonFailed as e:
+        except StorageDaemonFailed as e:
             raise MirrorFailed("mirror to %s failed: %s" % (self.remote, self._daemon_gone() or ": ".join(e.details))) from None
         finally:
             if self.client is not None:
@@ -172,7 +172,7 @@ class _Follower:
     async def _end_request(self, name: str, args: Dict[str, Any]) -> None:
         try:
             await self._command(name, args, time.monotonic() + self.stall, "the daemon did not take the request")
-        except DaemonFailed:
+        except StorageDaemonFailed:
             pass  # the job is already ending: it concludes, which the loop sees
 
     def _ready(self) -> None:

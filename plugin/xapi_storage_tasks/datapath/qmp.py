@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from qemu.qmp import QMPClient, QMPError
 
-from xapi_storage_tasks.wire.errors import DaemonFailed
+from xapi_storage_tasks.wire.errors import StorageDaemonFailed
 
 TIMEOUT = 10.0
 
@@ -21,16 +21,16 @@ async def connect(path: str, name: str, timeout: float = TIMEOUT) -> QMPClient:
     try:
         await asyncio.wait_for(client.connect(path), timeout)
     except (QMPError, OSError, asyncio.TimeoutError) as e:
-        raise DaemonFailed("cannot open a QMP session on %s: %s" % (path, _text(e))) from None
+        raise StorageDaemonFailed("cannot open a QMP session on %s: %s" % (path, _text(e))) from None
     return client
 
 
 async def execute(client: QMPClient, name: str, args: Optional[Dict[str, Any]] = None, timeout: float = TIMEOUT) -> Any:
-    """Run one command; DaemonFailed with QEMU's message if it fails."""
+    """Run one command; StorageDaemonFailed with QEMU's message if it fails."""
     try:
         return await asyncio.wait_for(client.execute(name, args), timeout)
     except (QMPError, OSError, EOFError, asyncio.TimeoutError) as e:
-        raise DaemonFailed("QMP %s failed: %s" % (name, _text(e))) from None
+        raise StorageDaemonFailed("QMP %s failed: %s" % (name, _text(e))) from None
 
 
 async def close(client: QMPClient, timeout: float = TIMEOUT) -> None:

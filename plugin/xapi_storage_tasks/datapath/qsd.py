@@ -19,7 +19,7 @@ start (before or at its exec) reaches the caller's error. The record says
 given its export: a record never seen serving belongs to a start whose
 caller died, and is finished or cleared silently by the next call
 (:func:`finish_start`); a served daemon found dead is reported
-(:class:`~xapi_storage_tasks.wire.errors.DaemonLost`). Signals go only to
+(:class:`~xapi_storage_tasks.wire.errors.StorageDaemonLost`). Signals go only to
 the recorded identity, verified first
 (:mod:`xapi_storage_tasks.process.identity`).
 
@@ -47,7 +47,7 @@ from xapi_storage_tasks.datapath import chain
 from xapi_storage_tasks.datapath.volume import Record, Volumes
 from xapi_storage_tasks.process import identity
 from xapi_storage_tasks.process.spawn import Readiness, spawn
-from xapi_storage_tasks.wire.errors import DaemonFailed, DaemonLost
+from xapi_storage_tasks.wire.errors import StorageDaemonFailed, StorageDaemonLost
 
 VERSION = 1
 START_TIMEOUT = 10.0
@@ -94,11 +94,11 @@ class StorageDaemon(NamedTuple):
 
 
 def binary() -> str:
-    """The qemu-storage-daemon executable; DaemonFailed if there is none."""
+    """The qemu-storage-daemon executable; StorageDaemonFailed if there is none."""
     name = os.environ.get(settings.QEMU_STORAGE_DAEMON) or "qemu-storage-daemon"
     found = shutil.which(name)
     if found is None:
-        raise DaemonFailed("%s not found (Debian: apt-get install qemu-system-common; `make deps` does it)" % name)
+        raise StorageDaemonFailed("%s not found (Debian: apt-get install qemu-system-common; `make deps` does it)" % name)
     return found
 
 
@@ -111,9 +111,10 @@ def check_socket_path(path: str) -> str:
     """``path``, checked to fit a Unix socket address and the Nbd
     implementation's ``nbd:unix:<socket>:exportname=`` form."""
     if ":" in path:
-        raise DaemonFailed("socket path %s holds ':', an Nbd URI cannot carry: use a state directory without ':'" % path)
+        raise StorageDaemonFailed("socket path %s holds ':', an Nbd URI cannot carry: use a state directory without ':'" % path)
     if len(os.fsencode(path)) > SUN_PATH_MAX:
-        raise DaemonFailed("socket path %s is longer than %d bytes: choose a shorter state directory" % (path, SUN_PATH_MAX))
+        raise StorageDaemonFailed("socket path %s is longer than %d bytes: choose a shorter state directory"
+                                  % (path, SUN_PATH_MAX))
     return path
 
 
@@ -147,7 +148,7 @@ def load(vols: Volumes, key: str) -> Optional[StorageDaemon]:
     try:
         return StorageDaemon.from_json(obj)
     except ValueError as e:
-        raise DaemonFailed("daemon record %s.qsd is malformed: %s" % (key, e)) from None
+        raise StorageDaemonFailed("daemon record %s.qsd is malformed: %s" % (key, e)) from None
 
 
 def alive(daemon: StorageDaemon) -> bool:
@@ -180,12 +181,12 @@ def forget(vols: Volumes, key: str) -> None:
             vols.unlink(name)
 
 
-def lost(vols: Volumes, key: str, daemon: StorageDaemon) -> DaemonLost:
+def lost(vols: Volumes, key: str, daemon: StorageDaemon) -> StorageDaemonLost:
     """The error for a daemon found dead; its files are removed, so the
     next attach starts a fresh one."""
     why = log_tail(vols, key)
     forget(vols, key)
-    return DaemonLost("qemu-storage-daemon of %s (pid %s) is gone%s; guests lost their connection to it"
+    return StorageDaemonLost("qemu-storage-daemon of %s (pid %s) is gone%s; guests lost their connection to it"
                       % (daemon.uri, daemon.identity.get("pid"), ": " + why if why else ""))
 
 
@@ -224,7 +225,7 @@ def _become_daemon(store_path: str, record: Record, args: List[str], readiness: 
 
 def start(vols: Volumes, record: Record) -> StorageDaemon:
     """Start the volume's daemon (under its lock, none recorded) and return
-    its record once it serves; DaemonFailed saying why otherwise."""
+    its record once it serves; StorageDaemonFailed saying why otherwise."""
     args = argv(vols, record)
     forget(vols, record.key)  # leftovers of a daemon that is gone
     readiness = Readiness()
@@ -238,10 +239,10 @@ def start(vols: Volumes, record: Record) -> StorageDaemon:
     if started is None:
         if daemon is not None:
             stop(vols, record.key, daemon)  # if nothing vouches for it yet, its record stays for the next call
-        raise DaemonFailed("qemu-storage-daemon for %s did not start within %.0fs" % (record.uri, START_TIMEOUT))
+        raise StorageDaemonFailed("qemu-storage-daemon for %s did not start within %.0fs" % (record.uri, START_TIMEOUT))
     if not started or daemon is None:
         forget(vols, record.key)
-        raise DaemonFailed("qemu-storage-daemon for %s could not be started: %s"
+        raise StorageDaemonFailed("qemu-storage-daemon for %s could not be started: %s"
                            % (record.uri, why or "it exited before its exec without a word"))
     return _until_serving(vols, record.key, daemon, deadline)
 
@@ -254,10 +255,11 @@ def _until_serving(vols: Volumes, key: str, daemon: StorageDaemon, deadline: flo
         if not alive(daemon):
             why = log_tail(vols, key)
             forget(vols, key)
-            raise DaemonFailed("qemu-storage-daemon for %s exited at start: %s" % (daemon.uri, why or "no message"))
+            raise StorageDaemonFailed("qemu-storage-daemon for %s exited at start: %s" % (daemon.uri, why or "no message"))
         if time.monotonic() >= deadline:
             stop(vols, key, daemon)
-            raise DaemonFailed("qemu-storage-daemon for %s did not start serving within %.0fs" % (daemon.uri, START_TIMEOUT))
+            raise StorageDaemonFailed("qemu-storage-daemon for %s did not start serving within %.0fs"
+                                      % (daemon.uri, START_TIMEOUT))
         time.sleep(0.005)
     daemon = daemon._replace(served=True)
     vols.write_json(key + ".qsd", daemon.to_json())
@@ -268,13 +270,13 @@ def finish_start(vols: Volumes, key: str, daemon: StorageDaemon) -> Optional[Sto
     """A daemon never seen serving (its starter died midway): wait for it
     to serve and return it recorded served, or, if it cannot serve, clear
     it and return None. Nobody was ever given its export, so nobody lost
-    it: no DaemonLost. DaemonFailed only if it would not stop."""
+    it: no StorageDaemonLost. StorageDaemonFailed only if it would not stop."""
     if not alive(daemon):
         forget(vols, key)
         return None
     try:
         return _until_serving(vols, key, daemon, time.monotonic() + START_TIMEOUT)
-    except DaemonFailed:
+    except StorageDaemonFailed:
         if load(vols, key) is not None:
             raise
         return None

@@ -17,7 +17,7 @@ from xapi_storage_tasks.datapath import qsd, schemes
 from xapi_storage_tasks.datapath.volume import Mirror, Record, Volumes, key_of
 from xapi_storage_tasks.tasks import lifecycle, log
 from xapi_storage_tasks.tasks.store import Store
-from xapi_storage_tasks.wire.errors import DaemonFailed, PluginError, VolumeInUse
+from xapi_storage_tasks.wire.errors import StorageDaemonFailed, PluginError, VolumeInUse
 
 FINISH_WAIT = 600.0  # how long a queued detach waits for a busy volume
 
@@ -77,7 +77,7 @@ class Locked:
         if daemon is None:
             try:
                 daemon = qsd.start(self.vols, self.record())
-            except DaemonFailed as e:
+            except StorageDaemonFailed as e:
                 event(self.store, "%s", e)
                 raise
             event(self.store, "started qemu-storage-daemon pid %d for %s", daemon.identity["pid"], self.vol.uri)

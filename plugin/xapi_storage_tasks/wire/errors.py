@@ -159,13 +159,13 @@ class NotAttached(PluginError):
     name = "Volume_not_attached"
 
 
-class DaemonFailed(PluginError):
+class StorageDaemonFailed(PluginError):
     """qemu-storage-daemon could not be started, or refused a command."""
 
     name = "Storage_daemon_failed"
 
 
-class DaemonLost(PluginError):
+class StorageDaemonLost(PluginError):
     """The volume's qemu-storage-daemon died behind our back; noticed and
     reported by the first call that looked."""
 
