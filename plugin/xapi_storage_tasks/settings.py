@@ -39,11 +39,12 @@ DATAPATH_LOCK_WAIT = "TASK_DATAPATH_LOCK_WAIT"
 (default 30)."""
 
 MIRROR_DRAIN_TIMEOUT = "TASK_MIRROR_DRAIN_TIMEOUT"
-"""Seconds ``Datapath.deactivate`` may spend draining a mirror (default 10)."""
+"""Seconds ``Datapath.deactivate`` may spend draining a mirror, all of it
+(default 10)."""
 MIRROR_STALL_TIMEOUT = "TASK_MIRROR_STALL_TIMEOUT"
-"""Seconds a mirror may go without copying anything before it is
-synchronised (a frozen target) before it fails (default 60; the toolstack
-polls ``Data.stat`` with no time limit)."""
+"""Seconds a mirror's target may complete nothing while work waits for it
+(guest writes included) before the mirror cuts it off and fails (default
+5): the longest a frozen target holds a guest write."""
 
 QEMU_STORAGE_DAEMON = "TASK_QEMU_STORAGE_DAEMON"
 """The qemu-storage-daemon executable (default: found on PATH)."""
