@@ -130,3 +130,12 @@ def retention() -> float:
     destroys the tasks it starts; this keeps the store from growing
     without bound."""
     return seconds(RETENTION, DEFAULT_RETENTION)
+
+
+def plugin_directory() -> str:
+    """The name of the directory the running executable is in: the plugin
+    directory the toolstack ran it from (``datapath/<scheme>/`` or
+    ``volume/org.xen.xapi.storage.<type>/``), or a checkout's ``bin``."""
+    import sys
+
+    return os.path.basename(os.path.dirname(os.path.abspath(sys.argv[0]))) if sys.argv and sys.argv[0] else ""

@@ -38,7 +38,7 @@ import time
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from xapi_storage_tasks.datapath import mirror as mirrors
-from xapi_storage_tasks.datapath import qmp
+from xapi_storage_tasks.datapath import qmp, qsd
 from xapi_storage_tasks.datapath.relay import Relay
 from xapi_storage_tasks.wire.errors import StorageDaemonFailed, MirrorFailed, PluginError
 
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 FUNC = "xapi_storage_tasks.datapath.mirror_worker:run"
 POLL = 0.05  # seconds between looks at the job and the task, unless an event comes first
 CUT_GRACE = 2.0  # seconds a daemon has to answer once the connection is cut
-NODE = "vol"  # the daemon's node of the volume (datapath.qsd)
 
 CONNECTING, SYNCING, READY, DRAINING, CANCELLING = "connecting", "syncing", "ready", "draining", "cancelling"
 
@@ -92,8 +91,9 @@ class _Follower:
                       "server": {"type": "unix", "path": self.relay_path}, "reconnect-delay": 0}
             await self._command("blockdev-add", target, deadline, "the target did not complete its handshake")
             self.ctx.log("target %s connected through the relay as node %s" % (self.remote, self.node))
+            top = await qsd.top_node(self.client)
             await self._command("blockdev-mirror", {
-                "job-id": self.job, "device": NODE, "target": self.node, "sync": "full",
+                "job-id": self.job, "device": top, "target": self.node, "sync": "full",
                 "copy-mode": "write-blocking", "auto-dismiss": False}, deadline, "the job did not start")
             self.ctx.log("job %s started (sync=full, copy-mode=write-blocking, stall bound %gs)" % (self.job, self.stall))
             self.phase = SYNCING
@@ -222,7 +222,6 @@ class _Follower:
 
     def _daemon_gone(self) -> Optional[str]:
         """Why the volume's daemon is gone, if it is."""
-        from xapi_storage_tasks.datapath import qsd
         from xapi_storage_tasks.datapath.volume import Volumes
 
         try:

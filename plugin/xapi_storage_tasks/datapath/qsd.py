@@ -43,7 +43,7 @@ import time
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from xapi_storage_tasks import settings
-from xapi_storage_tasks.datapath import chain
+from xapi_storage_tasks.sr import chain
 from xapi_storage_tasks.datapath.volume import Record, Volumes
 from xapi_storage_tasks.process import identity
 from xapi_storage_tasks.process.spawn import Readiness, spawn
@@ -52,7 +52,8 @@ from xapi_storage_tasks.wire.errors import StorageDaemonFailed, StorageDaemonLos
 VERSION = 1
 START_TIMEOUT = 10.0
 STOP_GRACE = 5.0
-NODE = "vol"  # the node the export serves and mirrors read from
+NODE = "vol"  # the node the export serves at start (a live snapshot puts another on top: see top_node)
+EXPORT = "exp0"
 SUN_PATH_MAX = 107  # bytes in sockaddr_un.sun_path, less the terminating NUL
 FILES = ("qsd", "pid", "nbd", "qmp", "ctl", "log")
 LOCK_BYTE = 300  # QEMU's image locks use bytes 100-104 and 200-204: this one is ours alone
@@ -128,7 +129,7 @@ def argv(vols: Volumes, record: Record) -> List[str]:
     (InvalidArguments if the image references what it must not)."""
     paths = sockets(vols, record.key)
     blockdev = chain.blockdev(chain.vet(record.path, record.driver), NODE)
-    export = {"type": "nbd", "id": "exp0", "node-name": NODE, "name": record.key, "writable": True}
+    export = {"type": "nbd", "id": EXPORT, "node-name": NODE, "name": record.key, "writable": True}
     return [
         binary(),
         "--chardev", "socket,path=%s,server=on,wait=off,id=qmp0" % _opt(paths["qmp"]), "--monitor", "chardev=qmp0",
@@ -138,6 +139,17 @@ def argv(vols: Volumes, record: Record) -> List[str]:
         "--export", json.dumps(export),
         "--pidfile", vols.file(record.key, "pid"),
     ]
+
+
+async def top_node(client: Any) -> str:
+    """The node the daemon's export serves now: the top of the volume's
+    chain (a live snapshot moves the export onto its new image)."""
+    from xapi_storage_tasks.datapath import qmp
+
+    for export in await qmp.execute(client, "query-block-exports"):
+        if export.get("id") == EXPORT:
+            return str(export["node-name"])
+    raise StorageDaemonFailed("the daemon serves no export %s" % EXPORT)
 
 
 def load(vols: Volumes, key: str) -> Optional[StorageDaemon]:

@@ -20,12 +20,12 @@ detach              forget the domain; stop the daemon after the last one.
 =================== ==========================================================
 """
 
-import os
 import sys
 import time
 from typing import Any, Dict, List, Optional
 
 import xapi_storage_tasks
+from xapi_storage_tasks import settings
 from xapi_storage_tasks.datapath import mirror as mirrors
 from xapi_storage_tasks.datapath import qsd, schemes
 from xapi_storage_tasks.datapath.session import Locked, apply_queue, detach_locked, drop_mirror, event, finish_queued
@@ -42,7 +42,7 @@ FLUSH_TIMEOUT = 5.0  # the source's flush at deactivate: local, and in the migra
 
 def query(dbg: str) -> Dict[str, Any]:
     """The registration record the toolstack requires (every field)."""
-    here = os.path.basename(os.path.dirname(os.path.abspath(sys.argv[0]))) if sys.argv and sys.argv[0] else ""
+    here = settings.plugin_directory()
     return {
         "plugin": here if here in schemes.SCHEMES else NAME,
         "name": "qemu-storage-daemon datapath",

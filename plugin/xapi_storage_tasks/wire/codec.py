@@ -126,8 +126,32 @@ def _short(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def decode_int(name: str, value: Json) -> int:
+    """An int64 (a JSON integer, not a boolean)."""
+    if not _is_int(value) or not -(1 << 63) <= value < (1 << 63):  # type: ignore[operator]
+        raise InvalidArguments("parameter %r must be a 64-bit integer" % name)
+    return value  # type: ignore[return-value]
+
+
+def decode_bool(name: str, value: Json) -> bool:
+    """A JSON boolean."""
+    if not isinstance(value, bool):
+        raise InvalidArguments("parameter %r must be true or false" % name)
+    return value
+
+
+def decode_config(name: str, value: Json) -> dict[str, str]:
+    """A string -> string map (an SR's configuration)."""
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise InvalidArguments("parameter %r must be an object of strings" % name)
+    return dict(value)
+
+
 DECODERS: dict[str, Callable[[str, Json], object]] = {
     "str": decode_str,
+    "int": decode_int,
+    "bool": decode_bool,
+    "config": decode_config,
     "task_id": decode_task_id,
     "operation": decode_operation,
     "blocklist": decode_blocklist,
@@ -140,13 +164,15 @@ def decode_params(spec: Iterable[tuple[str, str]], params: Json) -> dict[str, ob
     dict. Unknown keys are ignored."""
     if not isinstance(params, dict):
         raise InvalidArguments("params must be a JSON object")
+    spec = tuple(spec)
+    for name, kind in spec:  # a missing parameter is named before any mistyped one
+        if not kind.endswith("?") and name not in params:
+            raise InvalidArguments("missing parameter %r" % name)
     out = {}
     for name, kind in spec:
         value = params.get(name)
         if kind.endswith("?"):
             out[name] = None if value is None else DECODERS[kind[:-1]](name, value)
-        elif name not in params:
-            raise InvalidArguments("missing parameter %r" % name)
         else:
             out[name] = DECODERS[kind](name, value)
     return out
@@ -244,14 +270,17 @@ def encode_result(kind: str, value: object) -> Json:
         return encode_operation(*value)  # type: ignore[misc]
     if kind == "operation_list":
         return [encode_operation(k, i) for k, i in value]  # type: ignore[attr-defined]
-    if kind in ("query", "attach"):  # records built to the wire's shape by their method
+    if kind in ("query", "attach", "record"):  # records built to the wire's shape by their method
         return dict(value)  # type: ignore[call-overload]
+    if kind == "record_list":
+        return [dict(v) for v in value]  # type: ignore[attr-defined]
     if kind == "string":
         return str(value)
     raise ValueError("unknown result kind %r" % kind)
 
 
-RESULT_KINDS = ("task", "unit", "id_list", "operation", "operation_list", "status", "query", "attach", "string")
+RESULT_KINDS = ("task", "unit", "id_list", "operation", "operation_list", "status", "query", "attach", "record", "record_list",
+                "string")
 
 # Bytes that a JSON string cannot hold unescaped.
 _UNSAFE = bytes(range(32)) + b'"\\\x7f'

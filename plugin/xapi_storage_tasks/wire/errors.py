@@ -185,6 +185,22 @@ class VolumeInUse(PluginError):
     name = "Volume_in_use"
 
 
+# -- the volume plugin (the names are the volume interface's own) ------------------
+
+
+class SRDoesNotExist(PluginError, LookupError):
+    """The ``sr`` handle names no SR of this plugin (never created, or
+    destroyed)."""
+
+    name = "SR_does_not_exist"
+
+
+class VolumeDoesNotExist(PluginError, LookupError):
+    """The SR holds no volume with that key."""
+
+    name = "Volume_does_not_exist"
+
+
 # -- the socket transport --------------------------------------------------------
 
 

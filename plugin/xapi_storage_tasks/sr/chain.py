@@ -78,6 +78,12 @@ def _read_header(path: str) -> _Header:
     return _Header(backing, fmt, bool(incompatible & _INCOMPAT_DATA_FILE))
 
 
+def backing_of(path: str) -> Optional[str]:
+    """The backing file name in the header of the qcow2 image ``path`` (as
+    written: relative to the image's directory), or None."""
+    return _read_header(path).backing
+
+
 def vet(path: str, driver: str) -> List[Image]:
     """The chain of the image ``path`` (format ``driver``), top first, every
     image checked as the module says; InvalidArguments naming what is
