@@ -265,7 +265,8 @@ def test_concurrent_callers_soak(state_dir, monkeypatch, tmp_path):
            cancels_issued_on_pending=len(cancelled_while_pending),
            their_final_states=dict(Counter(_raw_state(state_dir, t) or "destroyed" for t in cancelled_while_pending)),
            file_reads=reads["files"], vanished_reads=reads["vanished"],
-           torn_reads=len(torn), unexpected_errors=len(unexpected))
+           torn_reads=len(torn), unexpected_errors=len(unexpected),
+           failures=len(unexpected) + len(torn) + len(problems) + live)
     assert unexpected == []
     assert torn == []
     assert problems == []

@@ -9,12 +9,11 @@ also ends any mirror and stops the storage daemon, is here too: a queued
 detach runs the same code.
 """
 
-import os
 from typing import Any, Optional
 
 from xapi_storage_tasks.datapath import mirror as mirrors
 from xapi_storage_tasks.datapath import qsd, schemes
-from xapi_storage_tasks.datapath.volume import Mirror, Record, Volumes, key_of
+from xapi_storage_tasks.datapath.volume import Mirror, Record, Volumes, canonical, key_of
 from xapi_storage_tasks.tasks import lifecycle, log
 from xapi_storage_tasks.tasks.store import Store
 from xapi_storage_tasks.wire.errors import StorageDaemonFailed, PluginError, VolumeInUse
@@ -58,8 +57,8 @@ class Locked:
         """The volume's record, new if it has none; a record of the same
         image under another format is refused."""
         record = self.vols.load(self.key) or Record.new(self.vol)
-        # The key is the image's real path: another spelling of it is the same volume.
-        if record.driver != self.vol.driver or os.path.realpath(record.path) != os.path.realpath(self.vol.path):
+        # The key is the volume's canonical path: another spelling of it is the same volume.
+        if record.driver != self.vol.driver or canonical(record.path) != canonical(self.vol.path):
             raise VolumeInUse("image %s is in use as %s" % (self.vol.path, record.uri))
         return record
 

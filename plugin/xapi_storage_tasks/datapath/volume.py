@@ -45,11 +45,20 @@ MAX_DOMAIN = 256
 STATES = ("attached", "rw", "ro")
 
 
+def canonical(path: str) -> str:
+    """The one spelling of a volume's path: its directory's real path and
+    its own name. The name itself is not resolved: it may be a symbolic
+    link whose target changes while the volume is in use (the volume
+    plugin's disks are such names: a snapshot puts a new image under
+    them)."""
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
 def key_of(path: str) -> str:
-    """The volume's key: a digest of the image's real path, so two URIs
-    naming one file share one record and one daemon. Short, hex: it names
-    sockets, whose paths must stay short and free of ``:``."""
-    return hashlib.sha256(os.path.realpath(path).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    """The volume's key: a digest of its :func:`canonical` path, so two URIs
+    naming one volume share one record and one daemon. Short, hex: it
+    names sockets, whose paths must stay short and free of ``:``."""
+    return hashlib.sha256(canonical(path).encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def check_domain(domain: str) -> str:

@@ -2,31 +2,34 @@
 
 An SR is a directory on any mounted filesystem::
 
-    <path>/<uuid>.qcow2              every image: a disk's (its URI, for ever),
-                                     a snapshot's, a base kept for children
+    <path>/<uuid>.qcow2              a disk's name, for ever: a symbolic link
+                                     to its current image (its URI)
+    <path>/<uuid>.<n>.qcow2          the images: a disk's n-th, which later
+                                     holds a snapshot's or a base's content
     <path>/.sr/sr.json               the SR record
     <path>/.sr/lock                  the SR's lock (every change of records)
-    <path>/.sr/volumes/<uuid>.json   one record per image
+    <path>/.sr/volumes/<uuid>.json   one record per volume or base
 
-Every image is named by its record's uuid and lives beside the others, so
-a backing file is a plain name in the same directory (the datapath opens
-only such chains). Records are plain versioned JSON, written atomically
-(:mod:`xapi_storage_tasks.files.jsonfile`). A volume's key, for the
-toolstack, is its uuid.
+Every image lives beside the others, so a backing file is a plain name in
+the same directory (the datapath opens only such chains); an image is
+never renamed, so what a storage daemon has open keeps its name (QEMU
+reopens images by name). Records are plain versioned JSON, written
+atomically (:mod:`xapi_storage_tasks.files.jsonfile`), each naming its
+image. A volume's key, for the toolstack, is its record's uuid.
 
-Kinds of image:
+Kinds of record:
 
-- ``disk``: a writable volume. Its image keeps its name for life (the URI
-  ``Volume.stat`` answers never changes), whatever snapshots are taken:
-  a snapshot moves the frozen content under the snapshot's name and puts
-  a new, empty image on top under the disk's name.
-- ``snapshot``: a read-only volume, the frozen content of a disk.
+- ``disk``: a writable volume. Its name (the link) never changes, whatever
+  snapshots are taken: a snapshot leaves the frozen content in the image
+  it is in and points the link at a new, empty image on top of it.
+- ``snapshot``: a read-only volume, the frozen content of a disk; its URI
+  names its image.
 - ``base``: a frozen image that children still stand on but the toolstack
   does not see (the content a clone of a running disk was taken from; a
   destroyed snapshot not yet merged into its child).
 
 A record in state ``creating`` is an intent: the operation that wrote it
-finishes or undoes it after a crash (:mod:`xapi_storage_tasks.volume.repair`).
+finishes or undoes it after a crash (:mod:`xapi_storage_tasks.volume.snapshots`).
 A ``destroyed`` one is gone for the toolstack, its image kept until no
 other image stands on it.
 """
@@ -53,6 +56,19 @@ STATES = ("creating", "ready", "destroyed")
 MAX_RECORD = 1 << 20
 LOCK_WAIT = 30.0
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_IMAGE = re.compile(_UUID.pattern + r"\.([0-9]{1,9})\.qcow2")
+
+
+def image_name(key: str, n: int) -> str:
+    """The name of disk ``key``'s ``n``-th image."""
+    return "%s.%d.qcow2" % (key, n)
+
+
+def next_image(name: str) -> str:
+    """The name of the image that follows ``name`` for the same disk."""
+    match = _IMAGE.fullmatch(name)
+    assert match is not None
+    return image_name(name[:36], int(match.group(1)) + 1)
 
 
 def new_uuid() -> str:
@@ -94,6 +110,7 @@ class VolumeRecord(NamedTuple):
     keys: Dict[str, str] = {}
     parent: Optional[str] = None  # a snapshot's or base's disk; for a creating record, the disk it is taken of
     created: float = 0.0
+    image: str = ""  # the file name of its image (a disk's: the current one)
 
     @property
     def read_write(self) -> bool:
@@ -114,10 +131,12 @@ class VolumeRecord(NamedTuple):
         keys = obj.get("keys") or {}
         if not isinstance(keys, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in keys.items()):
             raise ValueError("keys mistyped")
-        parent = obj.get("parent")
+        parent, image = obj.get("parent"), obj.get("image")
+        if not isinstance(image, str) or not _IMAGE.fullmatch(image):
+            raise ValueError("image missing or not an image name")
         return cls(obj["uuid"], obj["kind"], obj["state"], str(obj.get("name", "")), str(obj.get("description", "")),
                    bool(obj.get("sharable")), int(obj.get("virtual_size", 0)), dict(keys),
-                   parent if isinstance(parent, str) else None, float(obj.get("created", 0.0)))
+                   parent if isinstance(parent, str) else None, float(obj.get("created", 0.0)), image)
 
 
 class SR:
@@ -130,7 +149,8 @@ class SR:
         self.path = path
         self._fds: List[int] = []
         try:
-            self.admin = self._open(os.path.join(path, ADMIN))
+            self.root = self._open(path)
+            self.admin = self._open_at(ADMIN, self.root)
             self.volumes = self._open_at("volumes", self.admin)
         except FileNotFoundError:
             self.close()
@@ -260,32 +280,58 @@ class SR:
 
     # -- images ---------------------------------------------------------------------
 
-    def image(self, key: str) -> str:
-        """The path of volume ``key``'s image."""
+    def file(self, name: str) -> str:
+        """The path of the file ``name`` of the SR."""
+        return os.path.join(self.path, name)
+
+    def link(self, key: str) -> str:
+        """The path of disk ``key``'s name (a link to its current image)."""
         return os.path.join(self.path, key + ".qcow2")
 
-    def uri(self, key: str) -> str:
-        """The datapath URI of volume ``key``: its image, by a name that
-        never changes."""
-        return "%s://%s" % (SCHEME, urllib.parse.quote(self.image(key)))
+    def uri(self, record: VolumeRecord) -> str:
+        """The datapath URI of a volume: a disk's name (it never changes),
+        a snapshot's image (it never changes either)."""
+        path = self.link(record.uuid) if record.kind == "disk" else self.file(record.image)
+        return "%s://%s" % (SCHEME, urllib.parse.quote(path))
 
-    def backing(self, key: str) -> Optional[str]:
-        """The uuid of the image volume ``key``'s image stands on, or None."""
-        name = chain.backing_of(self.image(key))
+    def point(self, key: str, image: str) -> None:
+        """Make disk ``key``'s name point at ``image``, atomically and durably
+        (a new link renamed over the old one)."""
+        tmp = "%s.link-%s" % (key, os.urandom(4).hex())
+        os.symlink(image, tmp, dir_fd=self.root)
+        try:
+            os.rename(tmp, key + ".qcow2", src_dir_fd=self.root, dst_dir_fd=self.root)
+        except BaseException:
+            os.unlink(tmp, dir_fd=self.root)
+            raise
+        os.fsync(self.root)
+
+    def current(self, key: str) -> Optional[str]:
+        """The image disk ``key``'s name points at now, or None."""
+        try:
+            return os.readlink(key + ".qcow2", dir_fd=self.root)
+        except FileNotFoundError:
+            return None
+
+    def backing(self, record: VolumeRecord, images: Optional[Dict[str, VolumeRecord]] = None) -> Optional[VolumeRecord]:
+        """The record whose image ``record``'s image stands on, or None."""
+        name = chain.backing_of(self.file(record.image))
         if name is None:
             return None
-        stem = name[:-len(".qcow2")] if name.endswith(".qcow2") else ""
-        if "/" in name or not _UUID.fullmatch(stem):
-            raise InternalError("image %s stands on %r, not an image of this SR" % (self.image(key), name))
-        return stem
+        found = (images if images is not None else self.images()).get(name)
+        if found is None:
+            raise InternalError("image %s stands on %r, which no record of SR %s names" % (record.image, name, self.path))
+        return found
 
-    def children(self, key: str) -> List[str]:
-        """The images standing directly on volume ``key``'s image."""
-        out = []
-        for record in self.records():
-            if record.uuid != key and os.path.exists(self.image(record.uuid)) and self.backing(record.uuid) == key:
-                out.append(record.uuid)
-        return out
+    def images(self) -> Dict[str, VolumeRecord]:
+        """Every settled record by the name of its image."""
+        return {r.image: r for r in self.records() if r.state != "creating"}
+
+    def children(self, record: VolumeRecord) -> List[VolumeRecord]:
+        """The settled records whose images stand directly on ``record``'s."""
+        images = self.images()
+        return [r for r in images.values() if r.uuid != record.uuid and os.path.exists(self.file(r.image))
+                and chain.backing_of(self.file(r.image)) == record.image]
 
 
 def now() -> float:

@@ -125,7 +125,7 @@ def volume_set_description(dbg: str, sr: str, key: str, new_description: str) ->
 
 
 def volume_resize(dbg: str, sr: str, key: str, new_size: int) -> None:
-    """Grow the volume, also while it is served."""
+    """Grow the volume (not while it is served)."""
     from xapi_storage_tasks.volume import service
 
     service.volume_resize(dbg, sr, key, new_size)

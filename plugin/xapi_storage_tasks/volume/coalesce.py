@@ -19,7 +19,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
-from xapi_storage_tasks.sr import images
+from xapi_storage_tasks.sr import chain, images
 from xapi_storage_tasks.sr.directory import SR, VolumeRecord
 from xapi_storage_tasks.volume import live
 from xapi_storage_tasks.volume.live import Served
@@ -37,21 +37,20 @@ def _gone(record: VolumeRecord) -> bool:
     return record.state == "destroyed" or (record.kind == "base" and record.state == "ready")
 
 
-def collect(sr: SR) -> List[str]:
+def collect(sr: SR) -> List[VolumeRecord]:
     """Remove every gone image nothing stands on (under the SR's lock);
     returns the gone images that have exactly one child (to merge)."""
     while True:
         removed = False
         for record in sr.records():
-            if _gone(record) and not sr.children(record.uuid):
-                image = sr.image(record.uuid)
-                if os.path.lexists(image):
-                    os.unlink(image)
+            if _gone(record) and not sr.children(record):
+                if os.path.lexists(sr.file(record.image)):
+                    os.unlink(sr.file(record.image))
                 sr.forget(record.uuid)
                 removed = True
         if not removed:
             break
-    return [r.uuid for r in sr.records() if _gone(r) and len(sr.children(r.uuid)) == 1]
+    return [r for r in sr.records() if _gone(r) and len(sr.children(r)) == 1]
 
 
 def start(dbg: str, sr_path: str) -> Optional[str]:
@@ -89,58 +88,58 @@ def run(ctx: "Context", sr_path: str) -> Any:
             os.close(fd)
 
 
-def _merge(ctx: "Context", sr: SR, key: str) -> None:
-    """Merge image ``key`` into its one child."""
+def _merge(ctx: "Context", sr: SR, gone: VolumeRecord) -> None:
+    """Merge the image of ``gone`` into its one child."""
     with sr.locked():
-        (child,) = sr.children(key)
-        base = sr.backing(key)
+        (child,) = sr.children(gone)
+        base = sr.backing(gone)
         disk = _disk_above(sr, child)
-    ctx.log("merging image %s into %s (its child), which then stands on %s" % (key, child, base or "nothing"))
+    ctx.log("merging image %s into %s (its child), which then stands on %s"
+            % (gone.image, child.image, base.image if base else "nothing"))
     with Served(sr.uri(disk)) as served:
         if served.daemon is None:  # offline: the lock keeps any daemon from opening the chain meanwhile
-            images.rebase(sr.image(child), None if base is None else os.path.basename(sr.image(base)))
+            images.rebase(sr.file(child.image), None if base is None else base.image)
         else:
-            ctl, job, node = served.daemon.ctl, *_start_stream(sr, served, disk, child, key)
+            ctl, job, node = served.daemon.ctl, *_start_stream(sr, served, disk, child, gone)
     if served.daemon is not None:  # live: followed without the lock, the guest's calls go on
-        _follow(ctx, ctl, job, node, key)
+        _follow(ctx, ctl, job, node, gone.image)
     with sr.locked():
-        if sr.backing(child) == key:
-            raise InternalError("image %s still stands on %s after the merge" % (child, key))
+        if chain.backing_of(sr.file(child.image)) == gone.image:
+            raise InternalError("image %s still stands on %s after the merge" % (child.image, gone.image))
         collect(sr)
-    ctx.log("merged image %s" % key)
+    ctx.log("merged image %s" % gone.image)
 
 
-def _disk_above(sr: SR, image: str) -> str:
-    """The disk whose chain holds ``image`` (an image with one child has
-    one disk above it)."""
-    while True:
-        record = sr.load(image)
-        if record.kind == "disk" and not _gone(record):
-            return image
-        children = sr.children(image)
+def _disk_above(sr: SR, record: VolumeRecord) -> VolumeRecord:
+    """The disk whose chain holds ``record``'s image (an image with one
+    child has one disk above it)."""
+    while not (record.kind == "disk" and not _gone(record)):
+        children = sr.children(record)
         if len(children) != 1:
-            raise InternalError("image %s has %d children: no single disk above it" % (image, len(children)))
-        image = children[0]
+            raise InternalError("image %s has %d children: no single disk above it" % (record.image, len(children)))
+        record = children[0]
+    return record
 
 
-def _chain(sr: SR, disk: str) -> List[str]:
-    out = [disk]
-    while True:
-        below = sr.backing(out[-1])
-        if below is None:
-            return out
-        out.append(below)
+def _chain(sr: SR, disk: VolumeRecord) -> List[str]:
+    """The images of ``disk``'s chain, top first."""
+    out, images = [], sr.images()
+    record: Optional[VolumeRecord] = disk
+    while record is not None:
+        out.append(record.image)
+        record = sr.backing(record, images)
+    return out
 
 
-def _start_stream(sr: SR, served: Served, disk: str, child: str, key: str) -> Tuple[str, str]:
+def _start_stream(sr: SR, served: Served, disk: VolumeRecord, child: VolumeRecord, gone: VolumeRecord) -> Tuple[str, str]:
     """Live: start ``block-stream`` into the child's node, its base the
-    node below ``key`` (or none); the job's id and the node of ``key``."""
-    chain, nodes = _chain(sr, disk), served.chain_nodes()
-    if len(chain) != len(nodes):
-        raise InternalError("the daemon serves %d images of %s, its headers name %d" % (len(nodes), disk, len(chain)))
-    at = chain.index(key)
+    node below ``gone`` (or none); the job's id and the node of ``gone``."""
+    names, nodes = _chain(sr, disk), served.chain_nodes()
+    if len(names) != len(nodes):
+        raise InternalError("the daemon serves %d images of %s, its headers name %d" % (len(nodes), disk.uuid, len(names)))
+    at = names.index(gone.image)
     job = "merge-%x" % time.time_ns()
-    args = {"job-id": job, "device": nodes[chain.index(child)], "auto-dismiss": False}
+    args = {"job-id": job, "device": nodes[names.index(child.image)], "auto-dismiss": False}
     if at + 1 < len(nodes):
         args["base-node"] = nodes[at + 1]
     served.run(lambda top: [("block-stream", args)])

@@ -63,10 +63,6 @@ class Served:
                               "file": {"driver": "file", "filename": overlay, "aio": "threads"}}),
             ("blockdev-snapshot", {"node": top, "overlay": node})])
 
-    def resize(self, size: int) -> None:
-        """Grow the disk while it is served."""
-        self.run(lambda top: [("block_resize", {"node-name": top, "size": size})])
-
     def chain_nodes(self) -> List[str]:
         """The nodes of the served chain, top first: image ``i`` of the
         chain its headers describe is node ``i`` (a node's own file name

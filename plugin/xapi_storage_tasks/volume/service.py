@@ -19,9 +19,12 @@ from xapi_storage_tasks.volume import coalesce, snapshots
 from xapi_storage_tasks.volume.live import Served
 from xapi_storage_tasks.wire.errors import InvalidArguments, SRDoesNotExist, VolumeDoesNotExist, VolumeInUse
 
-MAX_SIZE = 1 << 62  # qemu's own limit for an image is lower; this bounds the arithmetic
+MAX_SIZE = 64 << 40  # 64 TiB: a volume larger than this is refused before qemu-img is asked
 MAX_TEXT = 4096  # a name or description, in characters
-FEATURES = ["VDI_MIRROR", "VDI_RESIZE_ONLINE", "VDI_ACTIVATE_READONLY", "SR_METADATA"]
+# Not VDI_RESIZE_ONLINE: qemu-storage-daemon's NBD export does not share
+# the resize permission (its clients are told a size once), so a served
+# image cannot grow (QEMU 7.2: block_resize is refused).
+FEATURES = ["VDI_MIRROR", "VDI_ACTIVATE_READONLY"]
 
 
 # -- Plugin.Query ------------------------------------------------------------------
@@ -34,7 +37,7 @@ def query(dbg: str) -> Dict[str, Any]:
         "plugin": TYPE,
         "name": "qcow2 file SR",
         "description": "A directory of qcow2 images on any mounted filesystem, served by the qcow2+file datapath: "
-                       "live snapshots and clones, coalescing, online resize, live storage migration",
+                       "live snapshots and clones, coalescing, resize, live storage migration",
         "vendor": "xapi-storage-tasks contributors",
         "copyright": "(C) xapi-storage-tasks contributors, LGPL-2.1-only",
         "version": xapi_storage_tasks.__version__,
@@ -148,12 +151,12 @@ def sr_set_description(dbg: str, sr: str, new_description: str) -> None:
 
 def _volume(sr: SR, record: VolumeRecord) -> Dict[str, Any]:
     try:
-        used = os.stat(sr.image(record.uuid)).st_blocks * 512
+        used = os.stat(sr.file(record.image)).st_blocks * 512
     except OSError:
         used = 0
     return {"key": record.uuid, "uuid": record.uuid, "name": record.name, "description": record.description,
             "read_write": record.read_write, "sharable": record.sharable, "virtual_size": record.virtual_size,
-            "physical_utilisation": used, "uri": [sr.uri(record.uuid)], "keys": dict(record.keys)}
+            "physical_utilisation": used, "uri": [sr.uri(record)], "keys": dict(record.keys)}
 
 
 @contextlib.contextmanager
@@ -166,7 +169,7 @@ def _changing(sr: str) -> Iterator[SR]:
 
 def _size(size: int) -> int:
     if not isinstance(size, int) or size <= 0 or size > MAX_SIZE:
-        raise InvalidArguments("size must be a positive number of bytes below 2^62, not %r" % (size,))
+        raise InvalidArguments("size must be a positive number of bytes up to 64 TiB, not %r" % (size,))
     return -(-size // 512) * 512  # qcow2 sizes are whole sectors
 
 
@@ -176,11 +179,7 @@ def volume_create(dbg: str, sr: str, name: str, description: str, size: int, sha
     with _changing(sr) as s:
         record = VolumeRecord(new_uuid(), "disk", "creating", _text(name, "name"), _text(description, "description"),
                               bool(sharable), size, {}, None, now())
-        s.save(record)
-        images.create(s.image(record.uuid), size)
-        record = record._replace(state="ready")
-        s.save(record)
-        return _volume(s, record)
+        return _volume(s, snapshots.create(s, record))
 
 
 def volume_stat(dbg: str, sr: str, key: str) -> Dict[str, Any]:
@@ -233,7 +232,7 @@ def volume_clone(dbg: str, sr: str, key: str) -> Dict[str, Any]:
 
 
 def volume_resize(dbg: str, sr: str, key: str, new_size: int) -> None:
-    """Grow the volume, also while it is served; shrinking is refused."""
+    """Grow the volume while nothing serves it; shrinking is refused."""
     new_size = _size(new_size)
     with _changing(sr) as s:
         record = s.visible(key)
@@ -244,11 +243,11 @@ def volume_resize(dbg: str, sr: str, key: str, new_size: int) -> None:
                                    % (key, record.virtual_size, new_size))
         if new_size == record.virtual_size:
             return
-        with Served(s.uri(key)) as served:
+        with Served(s.uri(record)) as served:
             if served.daemon is not None:
-                served.resize(new_size)
-            else:
-                images.resize(s.image(key), new_size)
+                raise VolumeInUse("volume %s is attached: its export's size is fixed while served; resize it "
+                                  "with its VM halted" % key)
+            images.resize(s.file(record.image), new_size)
         s.save(record._replace(virtual_size=new_size))
 
 
@@ -261,11 +260,12 @@ def volume_destroy(dbg: str, sr: str, key: str) -> None:
         except VolumeDoesNotExist:
             return
         if record.kind == "disk":
-            with Served(s.uri(key)) as served:
+            with Served(s.uri(record)) as served:
                 if served.daemon is not None:
                     raise VolumeInUse("volume %s is attached: detach it before destroying it" % key)
                 s.save(record._replace(state="destroyed"))
-                os.unlink(s.image(key))  # a disk's image is a leaf: nothing stands on it
+                os.unlink(s.link(key))
+                os.unlink(s.file(record.image))  # a disk's image is a leaf: nothing stands on it
         else:
             s.save(record._replace(state="destroyed"))
         merge = coalesce.collect(s)

@@ -1,53 +1,63 @@
-"""``Volume.snapshot`` and ``Volume.clone``, live or offline, and the
-repair of one that a crash interrupted.
+"""New images: ``Volume.create``, ``Volume.snapshot`` and ``Volume.clone``,
+live or offline, and the repair of one a crash interrupted.
 
-Freezing a disk ``D`` (a snapshot, or the base of a clone of it) takes a
-new record ``N`` and, in this order, each step durable:
+Freezing a disk ``D`` (for a snapshot, or as the base of a clone of it)
+takes a new record ``F`` and, in this order, each step durable:
 
-1. the record of ``N``, state ``creating``: the intent;
-2. ``N.qcow2``, a second name of ``D``'s current image (a hard link);
-3. ``D.next.qcow2``, a new empty image standing on ``N.qcow2``;
-4. if a daemon serves ``D``: ``blockdev-snapshot`` puts ``D.next`` on top
+1. the record of ``F``, state ``creating``, naming ``D``'s current image
+   ``D.n``: the intent;
+2. ``D.n+1``, a new empty image standing on ``D.n``;
+3. if a daemon serves ``D``: ``blockdev-snapshot`` puts ``D.n+1`` on top
    of its chain, atomically for the guest's I/O: the instant of the
    snapshot;
-5. ``D.next.qcow2`` renamed over ``D.qcow2``: ``D``'s name now holds the
-   new top, ``N.qcow2`` alone the frozen content (its URI never changed);
-6. ``N`` marked ``ready``.
+4. ``D``'s name (a link) pointed at ``D.n+1``;
+5. ``D``'s record names ``D.n+1``, ``F`` is ``ready``: ``D.n`` is now the
+   frozen content of ``F``.
 
-The daemon holds its images open, so renaming them under it changes
-nothing it does. :func:`repair` finishes or undoes a freeze from whatever
-step it stopped at: ``D.qcow2`` already standing on ``N`` is done;
-``D.next`` on top of a live daemon's chain, or with no daemon serving
-``D``, is renamed into place (its content is ``D``'s either way);
-otherwise the new names go. Nothing the guest wrote is ever dropped.
+No image is ever renamed, so a daemon's open images keep their names.
+:func:`repair` finishes or undoes a freeze from whatever step it stopped
+at: ``D``'s name already moved is done; ``D.n+1`` on top of a live
+daemon's chain, or with no daemon serving ``D``, is pointed at (its
+content is ``D``'s either way, and may hold writes acknowledged after the
+switch); otherwise ``D.n+1`` goes. Nothing the guest wrote is ever
+dropped.
 """
 
 import os
 from typing import Optional
 
-from xapi_storage_tasks.sr import images
-from xapi_storage_tasks.sr.directory import SR, VolumeRecord, new_uuid, now
+from xapi_storage_tasks.sr import chain, images
+from xapi_storage_tasks.sr.directory import SR, VolumeRecord, image_name, new_uuid, next_image, now
 from xapi_storage_tasks.volume.live import Served
 
 
-def _next(sr: SR, key: str) -> str:
-    return os.path.join(sr.path, key + ".next.qcow2")
+def create(sr: SR, record: VolumeRecord, backing: Optional[VolumeRecord] = None) -> VolumeRecord:
+    """Make the new disk or snapshot ``record`` (state ``creating``, under
+    the SR's lock): its image, empty or standing on ``backing``'s, and for
+    a disk its name."""
+    record = record._replace(image=image_name(record.uuid, 0), state="creating")
+    sr.save(record)
+    images.create(sr.file(record.image), record.virtual_size, None if backing is None else backing.image)
+    if record.kind == "disk":
+        sr.point(record.uuid, record.image)
+    record = record._replace(state="ready")
+    sr.save(record)
+    return record
 
 
 def freeze(sr: SR, disk: VolumeRecord, kind: str) -> VolumeRecord:
     """Freeze ``disk``'s content now under a new ``kind`` record (under the
     SR's lock); the disk goes on, writable, under its own name."""
     frozen = VolumeRecord(new_uuid(), kind, "creating", name=disk.name, description=disk.description,
-                          virtual_size=disk.virtual_size, parent=disk.uuid, created=now())
+                          virtual_size=disk.virtual_size, parent=disk.uuid, created=now(), image=disk.image)
     sr.save(frozen)
-    top, nxt = sr.image(disk.uuid), _next(sr, disk.uuid)
-    with Served(sr.uri(disk.uuid)) as served:
-        os.link(top, sr.image(frozen.uuid))
-        images.create(nxt, disk.virtual_size, backing=os.path.basename(sr.image(frozen.uuid)))
+    top = next_image(disk.image)
+    images.create(sr.file(top), disk.virtual_size, disk.image)
+    with Served(sr.uri(disk)) as served:
         if served.daemon is not None:
-            served.snapshot(nxt, "top-%x" % os.getpid() + frozen.uuid[:8])
-        os.rename(nxt, top)
-        images.sync(top)
+            served.snapshot(sr.file(top), "img-%s-%s" % (disk.uuid[:8], top.split(".")[1]))  # node names: < 32 bytes
+        sr.point(disk.uuid, top)
+    sr.save(disk._replace(image=top))
     frozen = frozen._replace(state="ready")
     sr.save(frozen)
     return frozen
@@ -60,7 +70,7 @@ def snapshot(sr: SR, key: str) -> VolumeRecord:
     source = sr.visible(key)
     if source.kind == "disk":
         return freeze(sr, source, "snapshot")
-    return _stand_on(sr, source, "snapshot")
+    return create(sr, _new(source, "snapshot", source.name, source.description), backing=source)
 
 
 def clone(sr: SR, key: str) -> VolumeRecord:
@@ -68,20 +78,12 @@ def clone(sr: SR, key: str) -> VolumeRecord:
     (under the SR's lock). No keys are copied (the toolstack sets its own)."""
     source = sr.visible(key)
     base = freeze(sr, source, "base") if source.kind == "disk" else source
-    return _stand_on(sr, base, "disk", name=source.name, description=source.description)
+    return create(sr, _new(base, "disk", source.name, source.description), backing=base)
 
 
-def _stand_on(sr: SR, base: VolumeRecord, kind: str, name: Optional[str] = None,
-              description: Optional[str] = None) -> VolumeRecord:
-    """A new image standing on the frozen ``base``."""
-    record = VolumeRecord(new_uuid(), kind, "creating", name=base.name if name is None else name,
-                          description=base.description if description is None else description,
-                          virtual_size=base.virtual_size, parent=base.parent or base.uuid, created=now())
-    sr.save(record)
-    images.create(sr.image(record.uuid), base.virtual_size, backing=os.path.basename(sr.image(base.uuid)))
-    record = record._replace(state="ready")
-    sr.save(record)
-    return record
+def _new(base: VolumeRecord, kind: str, name: str, description: str) -> VolumeRecord:
+    return VolumeRecord(new_uuid(), kind, "creating", name=name, description=description,
+                        virtual_size=base.virtual_size, parent=base.parent or base.uuid, created=now())
 
 
 def repair(sr: SR) -> None:
@@ -90,37 +92,31 @@ def repair(sr: SR) -> None:
     for record in sr.records():
         if record.state != "creating":
             continue
-        if record.kind != "disk" and record.parent is not None and os.path.exists(sr.image(record.parent)) \
-                and os.path.lexists(sr.image(record.uuid)) and _is_freeze(sr, record):
+        if record.kind != "disk" and record.parent is not None and record.image.startswith(record.parent + "."):
             _repair_freeze(sr, record)
         else:
             _undo_create(sr, record)
 
 
-def _is_freeze(sr: SR, record: VolumeRecord) -> bool:
-    """The record is a freeze of its parent (not a new image over it)."""
-    assert record.parent is not None
-    try:
-        return sr.backing(record.parent) == record.uuid or os.path.samefile(sr.image(record.uuid), sr.image(record.parent))
-    except OSError:
-        return False
-
-
-def _repair_freeze(sr: SR, record: VolumeRecord) -> None:
-    assert record.parent is not None
-    disk, frozen, nxt = sr.image(record.parent), sr.image(record.uuid), _next(sr, record.parent)
-    with Served(sr.uri(record.parent)) as served:
-        if sr.backing(record.parent) != record.uuid:
-            switched = os.path.exists(nxt) and (served.daemon is None or _serves(served, nxt))
-            if not switched:
-                for path in (nxt, frozen):
-                    if os.path.lexists(path) and (path == nxt or os.path.samefile(path, disk)):
-                        os.unlink(path)
-                sr.forget(record.uuid)
+def _repair_freeze(sr: SR, frozen: VolumeRecord) -> None:
+    assert frozen.parent is not None
+    disk = sr.load(frozen.parent)
+    top = next_image(frozen.image)
+    with Served(sr.uri(disk)) as served:
+        if sr.current(disk.uuid) == frozen.image:  # the name has not moved yet
+            made = os.path.exists(sr.file(top)) and chain.backing_of(sr.file(top)) == frozen.image
+            if not made or (served.daemon is not None and not _serves(served, sr.file(top))):
+                if os.path.exists(sr.file(top)):
+                    os.unlink(sr.file(top))
+                sr.forget(frozen.uuid)
                 return
-            os.rename(nxt, disk)
-            images.sync(disk)
-    sr.save(record._replace(state="ready"))
+            sr.point(disk.uuid, top)
+    current = sr.current(disk.uuid)
+    if current is None:  # the disk has no name: nothing to finish
+        sr.forget(frozen.uuid)
+        return
+    sr.save(disk._replace(image=current))
+    sr.save(frozen._replace(state="ready"))
 
 
 def _serves(served: Served, path: str) -> bool:
@@ -131,9 +127,10 @@ def _serves(served: Served, path: str) -> bool:
 
 
 def _undo_create(sr: SR, record: VolumeRecord) -> None:
-    """A new image (volume, clone, snapshot of a snapshot) that was never
-    handed out: nothing stands on it, so it goes."""
-    image = sr.image(record.uuid)
-    if os.path.lexists(image) and not sr.children(record.uuid):
-        os.unlink(image)
+    """A new image that was never handed out: nothing stands on it, so it
+    goes, with its name."""
+    if record.kind == "disk" and sr.current(record.uuid) is not None:
+        os.unlink(sr.link(record.uuid))
+    if record.image and record.image not in sr.images() and os.path.lexists(sr.file(record.image)):
+        os.unlink(sr.file(record.image))  # never an image another record names
     sr.forget(record.uuid)
