@@ -25,6 +25,8 @@ SCRIPT_DIR = "/usr/libexec/xapi-storage-script"
 DATAPATH_DIR = SCRIPT_DIR + "/datapath"
 PLUGIN_DIRS = [DATAPATH_DIR + "/" + scheme for scheme in sorted(SCHEMES)]  # one per scheme served
 PLUGIN_DIR = DATAPATH_DIR + "/raw+file"
+VOLUME_DIR = SCRIPT_DIR + "/volume"
+VOLUME_PLUGIN_DIR = VOLUME_DIR + "/org.xen.xapi.storage.qcow2-file"  # the SR type's
 STATE_DIR = "/run/" + NAME
 TMPFILES = "/usr/lib/tmpfiles.d/%s.conf" % NAME
 UNIT = "/usr/lib/systemd/system/xapi-storage-tasksd.service"
@@ -190,14 +192,20 @@ def test_the_source_tarball_is_the_working_tree_not_the_last_commit(rpms):
 def test_each_scheme_dir_holds_the_dispatcher_and_one_link_per_registered_method(listing):
     assert {p for p in listing if os.path.dirname(p) == DATAPATH_DIR} == set(PLUGIN_DIRS)
     assert {"raw+file", "qcow2+file"} <= set(SCHEMES)
-    for plugin_dir in PLUGIN_DIRS:
+    for plugin_dir, kind in [(d, "datapath") for d in PLUGIN_DIRS] + [(VOLUME_PLUGIN_DIR, "volume")]:
         inside = {p[len(plugin_dir) + 1:]: v for p, v in listing.items() if p.startswith(plugin_dir + "/")}
-        assert set(inside) == set(registry.METHODS) | {"dispatch"}
-        assert {"Plugin.Query", "Datapath.attach", "Datapath.detach", "Data.mirror", "Data.stat", "Task.stat"} <= set(inside)
+        methods = {name for name, m in registry.METHODS.items() if kind in m.plugins}
+        assert set(inside) == methods | {"dispatch"}
         assert inside["dispatch"] == ("-rwxr-xr-x", "")
-        for method in registry.METHODS:
+        for method in methods:
             perms, target = inside[method]
             assert perms.startswith("l") and target == "dispatch", (method, perms, target)
+    datapath = {p[len(PLUGIN_DIRS[0]) + 1:] for p in listing if p.startswith(PLUGIN_DIRS[0] + "/")}
+    assert {"Plugin.Query", "Datapath.attach", "Datapath.detach", "Data.mirror", "Data.stat", "Task.stat"} <= datapath
+    assert not {m for m in datapath if m.startswith(("SR.", "Volume."))}
+    volume = {p[len(VOLUME_PLUGIN_DIR) + 1:] for p in listing if p.startswith(VOLUME_PLUGIN_DIR + "/")}
+    assert {"Plugin.Query", "SR.attach", "SR.ls", "Volume.create", "Volume.snapshot", "Volume.clone"} <= volume
+    assert not {m for m in volume if m.startswith(("Datapath.", "Data.", "Task."))}
 
 
 @needs_rpm
@@ -206,6 +214,9 @@ def test_every_packaged_file_is_expected(listing, sitelib):
     expected = {
         SCRIPT_DIR,
         DATAPATH_DIR,
+        VOLUME_DIR,
+        VOLUME_PLUGIN_DIR,
+        VOLUME_PLUGIN_DIR + "/dispatch",
         TMPFILES,
         UNIT,
         DOC_DIR,
@@ -213,7 +224,9 @@ def test_every_packaged_file_is_expected(listing, sitelib):
         DOC_DIR + "/README.packaging.md",
     }
     for plugin_dir in PLUGIN_DIRS:
-        expected |= {plugin_dir, plugin_dir + "/dispatch"} | {plugin_dir + "/" + m for m in registry.METHODS}
+        expected |= {plugin_dir, plugin_dir + "/dispatch"} | {plugin_dir + "/" + m for m, method in registry.METHODS.items()
+                                                              if "datapath" in method.plugins}
+    expected |= {VOLUME_PLUGIN_DIR + "/" + m for m, method in registry.METHODS.items() if "volume" in method.plugins}
     for module in modules:
         expected.add(sitelib + "/" + module)
         package_dir = os.path.dirname(module)
@@ -235,8 +248,10 @@ def test_every_packaged_file_is_expected(listing, sitelib):
 @needs_rpm
 def test_requires(rpm_file):
     requires = set(check(["rpm", "-qpR", rpm_file]).splitlines())
-    assert {"python3", "python3-psutil", "python3-daemon", "python3dist(qemu-qmp)", "/usr/bin/qemu-storage-daemon"} <= requires
+    assert {"python3", "python3-psutil", "python3-daemon", "python3dist(qemu-qmp)", "/usr/bin/qemu-storage-daemon",
+            "/usr/bin/qemu-img"} <= requires
     allowed = {"python3", "python3-psutil", "python3-daemon", "python3dist(qemu-qmp)", "/usr/bin/qemu-storage-daemon",
+               "/usr/bin/qemu-img",
                "coreutils", "grep", "/bin/sh", "/usr/bin/python3"}
     for req in requires - allowed:
         assert re.match(r"^(rpmlib\(.*\)|python\(abi\)) ", req), req
@@ -428,6 +443,16 @@ def test_installed_plugin_query_of_each_scheme_dir_registers_that_scheme(scratch
         assert status == 0, err
         answer = json.loads(out)
         assert answer["plugin"] == os.path.basename(plugin_dir) and answer["required_api_version"] == "5.0"
+
+
+@needs_rpm
+def test_installed_plugin_query_of_the_volume_dir_registers_the_sr_type(scratch_root, sitelib, tmp_path):
+    status, out, err = call_installed(scratch_root, sitelib, "Plugin.Query", {"dbg": "register"}, tmp_path / "state",
+                                      plugin_dir=VOLUME_PLUGIN_DIR)
+    assert status == 0, err
+    answer = json.loads(out)
+    assert "org.xen.xapi.storage." + answer["plugin"] == os.path.basename(VOLUME_PLUGIN_DIR)
+    assert answer["required_api_version"] == "5.0"
 
 
 @needs_rpm
