@@ -83,6 +83,12 @@ def stray_files(sr_dir):
     return sorted(set(n for n in os.listdir(sr_dir) if n != ".sr") - named)
 
 
+def valid(image):
+    """qemu-img check finds no corruption in the image's chain (clusters a
+    killed writer leaked only waste space: exit status 3)."""
+    return subprocess.run(["qemu-img", "check", "-U", image], capture_output=True).returncode in (0, 3)
+
+
 def chain_length(image):
     info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", image],
                                      capture_output=True, check=True).stdout)
@@ -258,7 +264,7 @@ def test_a_snapshot_killed_at_random_points_leaves_a_valid_chain_and_no_lost_dat
         listed = call("SR.ls", sr=sr)
         assert key in [v["key"] for v in listed]
         call("SR.attach", configuration={"path": sr_dir})
-        assert subprocess.run(["qemu-img", "check", "-U", image], capture_output=True).returncode == 0
+        assert valid(image)
         now = read(nbd, 0, 4096) == data if nbd else holds(image, 0, 4096, 65 + trial)
         assert now, "trial %d: the disk lost an acknowledged write" % trial
         for v in call("SR.ls", sr=sr):  # every snapshot that exists holds some earlier write, whole

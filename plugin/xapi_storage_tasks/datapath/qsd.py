@@ -141,6 +141,18 @@ def argv(vols: Volumes, record: Record) -> List[str]:
     ]
 
 
+def flush(daemon: StorageDaemon, timeout: float) -> None:
+    """Flush the volume: NBD_CMD_FLUSH through the daemon's export writes
+    back everything acknowledged so far, down to the disk (each step
+    bounded by ``timeout``)."""
+    from xapi_storage_tasks.nbd.protocol import Client, Timeouts
+    from xapi_storage_tasks.nbd.uri import Address
+
+    timeouts = Timeouts(connect=timeout, handshake=timeout, io=timeout, flush=timeout)
+    with Client.connect(Address(daemon.nbd, None, 0, daemon.export), timeouts) as client:
+        client.flush()
+
+
 async def top_node(client: Any) -> str:
     """The node the daemon's export serves now: the top of the volume's
     chain (a live snapshot moves the export onto its new image)."""

@@ -178,22 +178,9 @@ def deactivate(dbg: str, uri: str, domain: str) -> None:
                 error = qsd.lost(v.vols, v.key, daemon)
                 event(v.store, "%s", error)
                 raise error
-            _flush(daemon)
+            qsd.flush(daemon, FLUSH_TIMEOUT)
         if problem:
             raise MirrorFailed(problem)
-
-
-def _flush(daemon: qsd.StorageDaemon) -> None:
-    """Flush the volume: NBD_CMD_FLUSH through its export makes
-    qemu-storage-daemon write back everything acknowledged so far."""
-    from xapi_storage_tasks.nbd.protocol import Client, Timeouts
-    from xapi_storage_tasks.nbd.uri import Address
-
-    # Bounded: deactivate sits in the migration's downtime window.
-    t = FLUSH_TIMEOUT
-    timeouts = Timeouts(connect=t, handshake=t, io=t, flush=t)
-    with Client.connect(Address(daemon.nbd, None, 0, daemon.export), timeouts) as client:
-        client.flush()
 
 
 def mirror(dbg: str, uri: str, domain: str, remote: str) -> str:

@@ -111,6 +111,7 @@ class VolumeRecord(NamedTuple):
     parent: Optional[str] = None  # a snapshot's or base's disk; for a creating record, the disk it is taken of
     created: float = 0.0
     image: str = ""  # the file name of its image (a disk's: the current one)
+    merge_into: Optional[str] = None  # the image being made to stand on this one's backing (see volume.coalesce)
 
     @property
     def read_write(self) -> bool:
@@ -131,12 +132,15 @@ class VolumeRecord(NamedTuple):
         keys = obj.get("keys") or {}
         if not isinstance(keys, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in keys.items()):
             raise ValueError("keys mistyped")
-        parent, image = obj.get("parent"), obj.get("image")
-        if not isinstance(image, str) or not _IMAGE.fullmatch(image):
-            raise ValueError("image missing or not an image name")
+        parent, image, merge_into = obj.get("parent"), obj.get("image"), obj.get("merge_into")
+        for name in (image, merge_into):
+            if name is not None and not (isinstance(name, str) and _IMAGE.fullmatch(name)):
+                raise ValueError("%r is not an image name" % (name,))
+        if image is None:
+            raise ValueError("image missing")
         return cls(obj["uuid"], obj["kind"], obj["state"], str(obj.get("name", "")), str(obj.get("description", "")),
                    bool(obj.get("sharable")), int(obj.get("virtual_size", 0)), dict(keys),
-                   parent if isinstance(parent, str) else None, float(obj.get("created", 0.0)), image)
+                   parent if isinstance(parent, str) else None, float(obj.get("created", 0.0)), image, merge_into)
 
 
 class SR:
@@ -327,11 +331,20 @@ class SR:
         """Every settled record by the name of its image."""
         return {r.image: r for r in self.records() if r.state != "creating"}
 
-    def children(self, record: VolumeRecord) -> List[VolumeRecord]:
+    def standing(self) -> Dict[str, Optional[str]]:
+        """Every settled record's image and the image it stands on (each
+        header read once)."""
+        out: Dict[str, Optional[str]] = {}
+        for name in self.images():
+            if os.path.exists(self.file(name)):
+                out[name] = chain.backing_of(self.file(name))
+        return out
+
+    def children(self, record: VolumeRecord, standing: Optional[Dict[str, Optional[str]]] = None) -> List[VolumeRecord]:
         """The settled records whose images stand directly on ``record``'s."""
+        standing = self.standing() if standing is None else standing
         images = self.images()
-        return [r for r in images.values() if r.uuid != record.uuid and os.path.exists(self.file(r.image))
-                and chain.backing_of(self.file(r.image)) == record.image]
+        return [images[name] for name, below in standing.items() if below == record.image and name != record.image]
 
 
 def now() -> float:

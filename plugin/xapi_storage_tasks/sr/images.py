@@ -15,10 +15,10 @@ TIMEOUT = 120.0  # create, resize: metadata work; a rebase copies and gets its o
 REBASE_TIMEOUT = 3600.0
 
 
-def _run(args: List[str], timeout: float) -> None:
+def _run(args: List[str], timeout: float, hold: Optional[int] = None) -> None:
     try:
         proc = subprocess.run(["qemu-img", *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, timeout=timeout)
+                              stderr=subprocess.PIPE, timeout=timeout, pass_fds=() if hold is None else (hold,))
     except FileNotFoundError:
         raise InternalError("qemu-img not found (Debian: apt-get install qemu-utils)") from None
     except subprocess.TimeoutExpired:
@@ -45,15 +45,26 @@ def resize(path: str, size: int) -> None:
     sync(path)
 
 
-def rebase(path: str, backing: Optional[str], backing_format: str = "qcow2") -> None:
+def rebase(path: str, backing: Optional[str], backing_format: str = "qcow2", hold: Optional[int] = None) -> None:
     """Make ``path`` (no daemon has it open) stand on ``backing`` (a name
     in its directory; None: on nothing) without changing what it reads:
     the data its old backing held and the new one lacks is copied in first
     (a safe rebase); only then is its header changed, so a crash leaves it
-    on its old backing, intact."""
+    on its old backing, intact. ``hold``: a lock descriptor qemu-img
+    inherits, so the lock lasts as long as it runs."""
     args = ["rebase", "-q", "-f", "qcow2"]
     args += ["-b", backing, "-F", backing_format] if backing is not None else ["-b", ""]
-    _run(args + [path], REBASE_TIMEOUT)
+    _run(args + [path], REBASE_TIMEOUT, hold)
+    sync(path)
+
+
+def restore_backing(path: str, backing: str) -> None:
+    """Write ``backing`` back into ``path``'s header (nothing else changes:
+    an unsafe rebase), for an image that an interrupted merge left
+    standing on nothing while its copied data may not all have reached
+    its own tables. Reading through ``backing`` again is always right:
+    what the merge copied is ``backing``'s own data."""
+    _run(["rebase", "-q", "-u", "-f", "qcow2", "-b", backing, "-F", "qcow2", path], TIMEOUT)
     sync(path)
 
 

@@ -90,6 +90,7 @@ def sr_attach(dbg: str, configuration: Dict[str, str]) -> str:
     path = _path(configuration)
     with SR(path) as sr, sr.locked():
         snapshots.repair(sr)
+        coalesce.recover(sr)
         merge = coalesce.collect(sr)
     if merge:
         coalesce.start(dbg, path)
@@ -106,6 +107,7 @@ def sr_destroy(dbg: str, sr: str) -> None:
     with SR(sr) as s:
         with s.locked():
             snapshots.repair(s)
+            coalesce.recover(s)
             coalesce.collect(s)
             left = [r.uuid for r in s.records()]
             if left:
@@ -164,6 +166,7 @@ def _changing(sr: str) -> Iterator[SR]:
     """The SR, locked, with interrupted operations repaired first."""
     with SR(sr) as s, s.locked():
         snapshots.repair(s)
+        coalesce.recover(s)
         yield s
 
 
