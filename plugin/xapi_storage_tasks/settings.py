@@ -54,7 +54,7 @@ LOCK_WAIT = "TASK_LOCK_WAIT"
 
 STAT_WAIT = "TASK_STAT_WAIT"
 """Seconds a ``Data.stat`` of a running operation whose status has not
-changed since the last answer about it may wait for news (default 0.5;
+changed since the last answer about it may wait for news (default 0.8;
 ``0`` always answers at once): a caller polling back to back gets about
 one answer per period, and each change at once."""
 
@@ -65,7 +65,7 @@ automatically (default 14400, four hours); ``0`` keeps tasks forever."""
 DEFAULT_CANCEL_GRACE = 5.0
 DEFAULT_RETENTION = 4 * 3600.0
 DEFAULT_LOCK_WAIT = 2.0
-DEFAULT_STAT_WAIT = 0.5
+DEFAULT_STAT_WAIT = 0.8
 MAX_INPUT = 1 << 20
 """The largest params object or request body accepted, in bytes."""
 MAX_TASK_FILE = 1 << 20

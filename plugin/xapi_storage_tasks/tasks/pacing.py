@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # typing stays out of every call
 
 TICK = 0.005
 """Seconds between two looks at the task file while waiting."""
-STEP = 0.05
+STEP = 0.1
 """Progress that counts as news."""
 MAX_MEMORY = 256
 """The largest ``polls/<id>`` read back, in bytes."""
