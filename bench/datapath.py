@@ -201,6 +201,7 @@ def run(args):
                 guest = None
                 # Data.stat of the running (ready) mirror vs Task.stat of its task.
                 stat_in = json.dumps({"dbg": "b", "operation": op}).encode()
+                env = dict(env, TASK_STAT_WAIT="0.001")  # each answer at once, as an isolated poll's (bench/polling.py paces)
                 task_in = json.dumps({"dbg": "b", "id": op[1]}).encode()
                 task_stat, data_stat = [], []
                 for _ in range(n):  # interleaved, so both see the same machine

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
 
-SUITES = ("calls", "workers", "bench_copy", "bench_daemon", "datapath")
+SUITES = ("calls", "workers", "bench_copy", "bench_daemon", "datapath", "polling")
 
 
 def main():
@@ -22,6 +22,9 @@ def main():
     parser.add_argument("--tasks", type=int, default=100_000, help="largest store for Task.ls/stat scaling")
     parser.add_argument("--copy-gib", type=float, default=2.0, help="size of the sparse copy image in GiB (half data)")
     parser.add_argument("--mirror-mib", type=int, default=512, help="size of the mirrored image in MiB (half data)")
+    parser.add_argument("--poll-gib", type=float, default=1.0, help="size of the image mirrored while polling, GiB (half data)")
+    parser.add_argument("--poll-runs", type=int, default=3, help="mirrors per polling mode")
+    parser.add_argument("--rate", default="400M", help="the polling bench's target rate (nbdkit's rate filter)")
     parser.add_argument("--json", default=os.path.join(harness.ROOT, "bench", "results", "latest.json"),
                         help="where to write the results")
     args = parser.parse_args()

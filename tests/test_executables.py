@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -237,8 +238,9 @@ HEAVY = {
 }
 
 
-@pytest.mark.parametrize("call", ["Task.ls", "Task.stat", "Data.stat of a copy", "Data.stat of a running mirror"])
-def test_a_successful_call_loads_no_error_formatting_argument_parser_or_typing(store, tmp_path, call):
+@pytest.mark.parametrize("call", ["Task.ls", "Task.stat", "Data.stat of a copy", "Data.stat of a running mirror",
+                                  "Data.stat of a running mirror, waiting"])
+def test_a_successful_call_loads_no_error_formatting_argument_parser_or_typing(store, state_dir, tmp_path, call):
     """The polled calls stay light: the error boundary and traceback are
     imported by failures only, argparse by positional calls only, typing
     never at run time (annotations are for the type checker: ``import
@@ -249,6 +251,9 @@ def test_a_successful_call_loads_no_error_formatting_argument_parser_or_typing(s
     copy = store.create("light", {"kind": "CopyV1", "args": {}})
     store.transition(copy.id, lambda t: Completed(1))
     mirror = store.create("light", {"kind": "MirrorV1", "args": {}, "ready": True})  # Pending, synchronised
+    if call.endswith("waiting"):  # answered just now: this poll waits for news (the setting's time)
+        (state_dir / "polls").mkdir(mode=0o700, exist_ok=True)
+        (state_dir / "polls" / mirror.id).write_text(json.dumps({"at": time.time(), "state": ["Completed", None]}))
     method, params, expected = {
         "Task.ls": ("Task.ls", {"dbg": "d"}, [done.id, copy.id, mirror.id]),
         "Task.stat": ("Task.stat", {"dbg": "d", "id": done.id}, None),
@@ -256,7 +261,7 @@ def test_a_successful_call_loads_no_error_formatting_argument_parser_or_typing(s
                                 {"failed": False, "complete": True, "progress": 1.0}),
         "Data.stat of a running mirror": ("Data.stat", {"dbg": "d", "operation": ["MirrorV1", mirror.id]},
                                           {"failed": False, "complete": True, "progress": 1.0}),
-    }[call]
+    }[call.replace(", waiting", "")]
     probe = tmp_path / "probe.py"
     probe.write_text("import sys\n"
                      "sys.path.insert(0, %r)\n"
@@ -265,7 +270,7 @@ def test_a_successful_call_loads_no_error_formatting_argument_parser_or_typing(s
                      "sys.stderr.write(' '.join(sorted(sys.modules)))\n"
                      "sys.exit(status)\n" % (SRC, os.path.join(BIN, method)))
     res = subprocess.run([sys.executable, "-I", "-S", str(probe)], input=json.dumps(params).encode(),
-                         capture_output=True, timeout=30)
+                         capture_output=True, timeout=30, env=dict(os.environ, TASK_STAT_WAIT="0.2"))
     assert res.returncode == 0, res.stderr
     got = json.loads(res.stdout)
     assert got == expected if expected is not None else got["id"] == done.id

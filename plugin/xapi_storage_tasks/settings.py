@@ -53,6 +53,12 @@ LOCK_WAIT = "TASK_LOCK_WAIT"
 """Seconds a call waits for a task's lock before answering ``Task_busy``
 (default 2)."""
 
+STAT_WAIT = "TASK_STAT_WAIT"
+"""Seconds a ``Data.stat`` of a running operation whose status has not
+changed since the last answer about it may wait for news (default 0.8;
+``0`` always answers at once): a caller polling back to back gets about
+one answer per period, and each change at once."""
+
 RETENTION = "TASK_RETENTION"
 """Seconds a finished task is kept after it ended before it is destroyed
 automatically (default 14400, four hours); ``0`` keeps tasks forever."""
@@ -60,6 +66,7 @@ automatically (default 14400, four hours); ``0`` keeps tasks forever."""
 DEFAULT_CANCEL_GRACE = 5.0
 DEFAULT_RETENTION = 4 * 3600.0
 DEFAULT_LOCK_WAIT = 2.0
+DEFAULT_STAT_WAIT = 0.8
 MAX_INPUT = 1 << 20
 """The largest params object or request body accepted, in bytes."""
 MAX_TASK_FILE = 1 << 20
@@ -139,3 +146,9 @@ def plugin_directory() -> str:
     import sys
 
     return os.path.basename(os.path.dirname(os.path.abspath(sys.argv[0]))) if sys.argv and sys.argv[0] else ""
+
+
+def stat_wait() -> float:
+    """The longest a poll of an unchanged running operation waits for news
+    (``TASK_STAT_WAIT``); 0: never waits."""
+    return seconds(STAT_WAIT, DEFAULT_STAT_WAIT)

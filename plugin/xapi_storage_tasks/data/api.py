@@ -51,21 +51,31 @@ def _check_kind(store: Store, operation: tuple[str, str]) -> str:
 
 
 def stat(dbg: str, operation: tuple[str, str]) -> State:
-    """``{failed, complete, progress}`` of the operation's task."""
+    """``{failed, complete, progress}`` of the operation's task; paced for
+    a caller polling a running operation back to back (see
+    :mod:`xapi_storage_tasks.tasks.pacing`)."""
+    from xapi_storage_tasks.tasks import pacing
+    from xapi_storage_tasks.tasks.store import Store
+
+    with Store() as store:
+        task_id = _check_kind(store, operation)
+        return pacing.paced(store, task_id, lambda: _status(store, task_id))
+
+
+def _status(store: Store, task_id: str) -> tuple[State, bool]:
+    """The operation's state as of now, and whether it has ended."""
     import time
 
     from xapi_storage_tasks.tasks import lifecycle
     from xapi_storage_tasks.tasks.state import Completed, Pending
-    from xapi_storage_tasks.tasks.store import Store
 
-    with Store() as store:
-        task = lifecycle.reconcile(store, _check_kind(store, operation))
+    task = lifecycle.reconcile(store, task_id)
     if task.kind == "MirrorV1" and isinstance(task.state, Pending) and (task.operation or {}).get("ready"):
         # The job is ready: the existing data is synchronised (mirroring of
         # new writes goes on), which the toolstack reads as complete. From
         # the task file alone: no QMP per call, this is polled back to back.
-        return Completed(time.time() - task.ctime)
-    return task.state
+        return Completed(time.time() - task.ctime), False
+    return task.state, task.state.terminal
 
 
 def cancel(dbg: str, operation: tuple[str, str]) -> None:

@@ -66,11 +66,12 @@ def read_json(name: str, dir_fd: int, limit: int) -> object:
         raise Unreadable(str(e) or type(e).__name__) from None
 
 
-def write_json(value: object, name: str, dir_fd: int, tmp_fd: int) -> None:
+def write_json(value: object, name: str, dir_fd: int, tmp_fd: int, durable: bool = True) -> None:
     """Replace file ``name`` of ``dir_fd`` atomically and durably with the
     compact JSON of ``value``; the temporary name is made in ``tmp_fd`` (the
-    same file system). Raises OSError, leaving at most a temporary only a
-    kill can leave."""
+    same file system). ``durable=False`` skips both fsyncs, for a file whose
+    loss in a crash costs nothing (the replacement stays atomic). Raises
+    OSError, leaving at most a temporary only a kill can leave."""
     data = jsontext.dumps(value, compact=True).encode()
     tmp = "%s%s%s" % (name, TEMP, os.urandom(4).hex())
     try:
@@ -84,7 +85,8 @@ def write_json(value: object, name: str, dir_fd: int, tmp_fd: int) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
             if not named:  # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N
                 os.link("/proc/self/fd/%d" % fd, tmp, dst_dir_fd=tmp_fd, follow_symlinks=True)
                 named = True
@@ -95,7 +97,8 @@ def write_json(value: object, name: str, dir_fd: int, tmp_fd: int) -> None:
         if named:
             unlink(tmp, tmp_fd)
         raise
-    os.fsync(dir_fd)
+    if durable:
+        os.fsync(dir_fd)
 
 
 def is_temporary(name: str) -> bool:

@@ -55,9 +55,9 @@ def file_id(store: Store, task_id: str) -> tuple[int, int] | None:
 
 
 def forget(store: Store, task_id: str) -> None:
-    """Drop the mark and cancel request of an ended task (best effort: a
-    stale mark only costs ``ls`` one more look at the task)."""
-    for name in ("pending", "cancels"):
+    """Drop the mark, cancel request and poll memory of an ended task (best
+    effort: a stale mark only costs ``ls`` one more look at the task)."""
+    for name in ("pending", "cancels", "polls"):
         try:
             unlink(task_id, store.dir_fd(name))
         except OSError:

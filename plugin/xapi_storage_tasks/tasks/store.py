@@ -13,6 +13,8 @@ Layout of the state directory (mode 0700, files 0600)::
     pending/<id>      the task's mark while it is Pending (see
                       xapi_storage_tasks.tasks.marks)
     ended/<b>/<id>    the retention index (see xapi_storage_tasks.tasks.index)
+    polls/<id>        the last answer to a poller of the running task (see
+                      xapi_storage_tasks.tasks.pacing)
     logs/<id>.log     per-task log when there is no syslog
 
 Every directory is opened relative to the root with O_NOFOLLOW, so symlinks
@@ -234,6 +236,7 @@ class Store:
                 unlink(task_id + ".log", self.dir_fd("logs"))
                 unlink(task_id, self.dir_fd("pending"))
                 unlink(task_id, self.dir_fd("cancels"))
+                unlink(task_id, self.dir_fd("polls"))
                 for name in os.listdir(tmp):  # a crashed writer's leftovers
                     if name.startswith(task_id):
                         unlink(name, tmp)
