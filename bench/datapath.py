@@ -173,7 +173,7 @@ def run(args):
         converts = [convert_once(src, tmp, mib) for _ in range(3)]
         answer = call("Datapath.attach", dp, env)
         call("Datapath.activate", dp, env)
-        nbd_uri = answer["implementations"][0][1]["uri"]
+        nbd_uri = answer["implementations"][-1][1]["uri"]
         syncs = [sync_once(uri, tmp, mib, env, state) for _ in range(3)]
         rows.append(row("mirror sync %d MiB (half data)" % mib, syncs, unit="s", scale=1, baseline=converts,
                         baseline_name="qemu-img convert", goal="<= 1.25x"))

@@ -97,7 +97,7 @@ def attach_guest(uri):
     answer = dp("attach", uri, GUEST)
     assert answer.returncode == 0, answer.stdout
     assert dp("activate", uri, GUEST).stdout == b"null\n"
-    return answer.json["implementations"][0][1]["uri"]
+    return answer.json["implementations"][-1][1]["uri"]
 
 
 def start_mirror(uri, remote):
