@@ -30,7 +30,7 @@ import time
 
 from harness import BIN, ROOT, bench_env, row, time_command
 
-WRITER = os.path.join(ROOT, "tools", "nbd-guest-writer.py")
+WRITER = os.path.join(ROOT, "tools", "guest-writer.py")
 
 
 def call(method, params, env):
