@@ -77,7 +77,8 @@ def call():
 
 def kill_leftover_daemons(volumes):
     """SIGKILL every qemu-storage-daemon a test left running in ``volumes``
-    (only those the kernel vouches for: alive and holding their pidfile)."""
+    (only those the kernel vouches for: alive and holding their pidfile),
+    then release the block devices it left."""
     from xapi_storage_tasks.datapath.qsd import mark_fd
     from xapi_storage_tasks.process import identity
 

@@ -21,12 +21,13 @@ caller died, and is finished or cleared silently by the next call
 (:func:`finish_start`); a served daemon found dead is reported
 (:class:`~xapi_storage_tasks.wire.errors.StorageDaemonLost`).
 
+Signals go only to the recorded identity, verified first
+(:mod:`xapi_storage_tasks.process.identity`).
+
 The volume's kernel block device (:mod:`xapi_storage_tasks.datapath.blockdev`)
 is made on its NBD export once the daemon serves. The record names how the
 device is made and, once made, the device; it is released before the
-daemon is stopped, and by :func:`forget` whatever became of the daemon. Signals go only to
-the recorded identity, verified first
-(:mod:`xapi_storage_tasks.process.identity`).
+daemon is stopped, and by :func:`forget` whatever became of the daemon.
 
 Before its exec the daemon takes an OFD write lock on byte
 :data:`LOCK_BYTE` of its image and holds it for its whole life (the kernel

@@ -95,7 +95,8 @@ class Locked:
         """The block device refuses writes unless a domain has the volume
         active read-write (attached only, or ``activate_readonly`` only:
         read-only)."""
-        blockdev.set_readonly(daemon.device, "rw" not in record.domains.values())
+        if daemon.device:
+            blockdev.set_readonly(daemon.device, "rw" not in record.domains.values())
 
 
 def apply_queue(vols: Volumes, key: str) -> None:
