@@ -1,17 +1,17 @@
 # Developer entry points; see README.md.
 PYTHON ?= python3
-DEBS = qemu-utils qemu-system-common nbdkit libnbd-bin rpm
+DEBS = qemu-utils qemu-system-common nbdkit libnbd-bin rpm fio
 PIP_PACKAGES = psutil python-daemon qemu.qmp pytest hypothesis vermin ruff mypy types-psutil
 
 .PHONY: deps lint test demo demo-copy bench rpm reliability
 
 # Everything the demo, the tests and the linters need (installed only when
 # missing): Python packages from PyPI and the
-# NBD servers/tools from Debian's packages (root needed for apt-get).
+# NBD servers/tools (nbdfuse for the block device) and fio (bench) from Debian's packages (root needed for apt-get).
 deps:
 	@$(PYTHON) -c 'import psutil, daemon, qemu.qmp, pytest, hypothesis, vermin, ruff, mypy' 2>/dev/null || \
 	  $(PYTHON) -m pip install --quiet --disable-pip-version-check --root-user-action=ignore $(PIP_PACKAGES)
-	@if ! command -v qemu-nbd >/dev/null || ! command -v qemu-storage-daemon >/dev/null || ! command -v nbdkit >/dev/null || ! command -v nbdcopy >/dev/null || ! command -v rpmbuild >/dev/null; then \
+	@if ! command -v qemu-nbd >/dev/null || ! command -v qemu-storage-daemon >/dev/null || ! command -v nbdkit >/dev/null || ! command -v nbdcopy >/dev/null || ! command -v nbdfuse >/dev/null || ! command -v fio >/dev/null || ! command -v rpmbuild >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBS); fi
 
 # Ruff (style, bugs, annotations) and mypy (types); settings in
@@ -23,7 +23,9 @@ lint:
 test:
 	$(PYTHON) -m pytest -q
 
-# A live storage migration, as the toolstack drives it (ends "identical").
+# A live storage migration between two hosts (two state directories), as
+# the toolstacks drive it, the guest writing through the volume's block
+# device (ends "identical").
 demo:
 	PYTHON=$(PYTHON) sh tools/demo-migrate.sh
 

@@ -13,8 +13,14 @@ Figures:
   the quiet convert is printed too;
 - the guest's write rate while an active (write-blocking) mirror runs,
   beside its rate with no mirror: what active mirroring costs the guest;
-- ``Datapath.attach`` + ``activate`` and ``deactivate`` + ``detach``,
-  beside a bare interpreter start (``python3 -c pass``).
+- ``Datapath.attach`` + ``activate`` (the daemon started and the block
+  device made) and ``deactivate`` + ``detach``, beside a bare interpreter
+  start (``python3 -c pass``);
+- guest I/O through the volume's block device (the device attach answers,
+  made as the host's kind: ``TASK_BLOCK_DEVICE``), beside the same I/O on
+  an image file directly: fio, O_DIRECT, libaio, iodepth 16, 4 KiB random
+  writes (goal: at least 0.5x) and 1 MiB sequential writes (goal: at least
+  0.8x), interleaved runs on equally preallocated images.
 
 ``python3 bench/run.py datapath [--mirror-mib N]``
 """
@@ -30,7 +36,7 @@ import time
 
 from harness import BIN, ROOT, bench_env, row, time_command
 
-WRITER = os.path.join(ROOT, "tools", "nbd-guest-writer.py")
+WRITER = os.path.join(ROOT, "tools", "guest-writer.py")
 
 
 def call(method, params, env):
@@ -136,6 +142,49 @@ def convert_once(src, tmp, mib, shared=False):
         target.close()
 
 
+FIO_SECONDS = 5
+GUEST_IO = (("4 KiB random writes", "randwrite", "4k", ">= 0.5x"), ("1 MiB sequential writes", "write", "1M", ">= 0.8x"))
+
+
+def fio_mib_s(target, rw, bs, mib):
+    """MiB/s of one fio run of ``rw`` in blocks of ``bs`` on ``target``."""
+    proc = subprocess.run(["fio", "--name=guest", "--filename=" + target, "--rw=" + rw, "--bs=" + bs, "--direct=1",
+                           "--ioengine=libaio", "--iodepth=16", "--size=%dM" % mib, "--time_based",
+                           "--runtime=%d" % FIO_SECONDS, "--output-format=json"],
+                          capture_output=True, check=True, timeout=FIO_SECONDS + 60)
+    return json.loads(proc.stdout)["jobs"][0]["write"]["bw"] / 1024.0
+
+
+def guest_io(tmp, mib, env):
+    """Rows: guest writes through the block device vs on a file directly."""
+    if shutil.which("fio") is None:
+        print("# datapath: guest I/O skipped (needs fio: make deps)", file=sys.stderr)
+        return []
+    images = []
+    for name in ("guest.raw", "direct.raw"):
+        path = os.path.join(tmp, name)
+        with open(path, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, mib << 20)  # both allocated alike: no first-write allocation in either
+        images.append(path)
+    dp = {"dbg": "b", "uri": "raw+file://" + images[0], "domain": "5"}
+    device = call("Datapath.attach", dp, env)["implementations"][1][1]["path"]
+    call("Datapath.activate", dp, env)
+    kind = json.loads(call("Plugin.diagnostics", {"dbg": "b"}, env))["block_device"]
+    rows = []
+    try:
+        for name, rw, bs, goal in GUEST_IO:
+            through, direct = [], []
+            for _ in range(3):  # interleaved, so both see the same machine
+                through.append(fio_mib_s(device, rw, bs, mib))
+                direct.append(fio_mib_s(images[1], rw, bs, mib))
+            rows.append(row("guest %s, %s device" % (name, kind), through, unit="MiB/s", scale=1, baseline=direct,
+                            baseline_name="image file, O_DIRECT", goal=goal))
+    finally:
+        call("Datapath.deactivate", dp, env)
+        call("Datapath.detach", dp, env)
+    return rows
+
+
 def run(args):
     if any(shutil.which(t) is None for t in ("qemu-storage-daemon", "qemu-nbd", "qemu-img")):
         print("# datapath: skipped (needs qemu-storage-daemon, qemu-nbd, qemu-img: make deps)", file=sys.stderr)
@@ -165,15 +214,18 @@ def run(args):
             call("Datapath.detach", dp, env)
             down.append(time.perf_counter() - t0)
         two = [2 * b for b in base]
-        rows.append(row("Datapath.attach + activate", up, baseline=two, baseline_name="2x python -c pass"))
+        rows.append(row("Datapath.attach + activate (daemon, device)", up, baseline=two,
+                        baseline_name="2x python -c pass"))
         rows.append(row("Datapath.deactivate + detach", down, baseline=two, baseline_name="2x python -c pass"))
+
+        rows += guest_io(tmp, 256, env)
 
         # Sync throughput, without and with a guest writing (the baseline
         # first: the storage daemon holds the image's lock).
         converts = [convert_once(src, tmp, mib) for _ in range(3)]
         answer = call("Datapath.attach", dp, env)
         call("Datapath.activate", dp, env)
-        nbd_uri = answer["implementations"][0][1]["uri"]
+        nbd_uri = answer["implementations"][-1][1]["uri"]
         syncs = [sync_once(uri, tmp, mib, env, state) for _ in range(3)]
         rows.append(row("mirror sync %d MiB (half data)" % mib, syncs, unit="s", scale=1, baseline=converts,
                         baseline_name="qemu-img convert", goal="<= 1.25x"))

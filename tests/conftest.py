@@ -77,7 +77,8 @@ def call():
 
 def kill_leftover_daemons(volumes):
     """SIGKILL every qemu-storage-daemon a test left running in ``volumes``
-    (only those the kernel vouches for: alive and holding their pidfile)."""
+    (only those the kernel vouches for: alive and holding their pidfile),
+    then release the block devices it left."""
     from xapi_storage_tasks.datapath.qsd import mark_fd
     from xapi_storage_tasks.process import identity
 
@@ -94,3 +95,44 @@ def kill_leftover_daemons(volumes):
                 continue
             ident["fd"] = mark_fd(ident["pid"], (st.st_dev, st.st_ino))
             identity.signal_worker(ident, signal.SIGKILL, (st.st_dev, st.st_ino))
+    release_leftover_devices(volumes)
+
+
+def leftovers(state_dir):
+    """What a state directory's volumes left in the kernel and the process
+    table: loop devices backed by a file under it, mounts under it, and
+    processes (storage daemons, nbdfuse, nbd-client) naming it."""
+    import psutil
+
+    root = str(state_dir) + "/"
+    loops = [name for name in os.listdir("/sys/block") if name.startswith("loop")
+             and _read("/sys/block/%s/loop/backing_file" % name).startswith(root)]
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split(" ")[4] for line in f if line.split(" ")[4].startswith(root)]
+    procs = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and any(root in arg for arg in proc.info["cmdline"] or ()):
+            procs.append(proc.info["pid"])
+    return {"loops": loops, "mounts": mounts, "processes": procs}
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def release_leftover_devices(volumes):
+    """Detach the loop devices and unmount the nbdfuse mounts a failed test
+    left under ``volumes`` (never anyone else's)."""
+    root = str(volumes) + "/"
+    for name in os.listdir("/sys/block"):
+        if name.startswith("loop") and _read("/sys/block/%s/loop/backing_file" % name).startswith(root):
+            subprocess.run(["blockdev", "--setrw", "/dev/" + name], capture_output=True, timeout=10)
+            subprocess.run(["losetup", "--detach", "/dev/" + name], capture_output=True, timeout=10)
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split(" ")[4] for line in f if line.split(" ")[4].startswith(root)]
+    for mount in mounts:
+        subprocess.run(["umount", "--lazy", mount], capture_output=True, timeout=10)

@@ -21,7 +21,7 @@ needs_qemu = pytest.mark.skipif(
 SIZE = 32 << 20
 GUEST = "7"
 DOM0 = "u0_mirror_vbd_7_xvda"  # the dom0 mirror dp, as xapi names it
-WRITER = os.path.join(ROOT, "tools", "nbd-guest-writer.py")
+WRITER = os.path.join(ROOT, "tools", "guest-writer.py")
 
 
 def wait_for(predicate, timeout=30.0, what="condition"):
@@ -97,7 +97,7 @@ def attach_guest(uri):
     answer = dp("attach", uri, GUEST)
     assert answer.returncode == 0, answer.stdout
     assert dp("activate", uri, GUEST).stdout == b"null\n"
-    return answer.json["implementations"][0][1]["uri"]
+    return answer.json["implementations"][-1][1]["uri"]
 
 
 def start_mirror(uri, remote):

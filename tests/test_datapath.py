@@ -9,6 +9,7 @@ import random
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import time
 
@@ -69,10 +70,14 @@ def daemons(volumes):
 
 
 def nbd_address(answer):
-    """(socket, export) of an attach answer, checked to be exactly the form
-    the toolstack parses."""
+    """(socket, export) of an attach answer, checked to be exactly what the
+    toolstack takes: XenDisk (blkback) and BlockDevice on one block device,
+    then the Nbd, last, in the form the toolstack parses."""
     assert set(answer) == {"implementations"}
-    (impl,) = answer["implementations"]
+    xendisk, device, impl = answer["implementations"]
+    assert xendisk[0] == "XenDisk" and device[0] == "BlockDevice"
+    assert xendisk[1] == {"backend_type": "vbd", "params": device[1]["path"], "extra": {}}
+    assert stat.S_ISBLK(os.stat(device[1]["path"]).st_mode)
     assert impl[0] == "Nbd" and set(impl[1]) == {"uri"}
     found = NBD_URI.match(impl[1]["uri"])
     assert found, impl
@@ -135,7 +140,8 @@ def test_attach_serves_the_volume_and_deactivate_flushes_it_through_the_export(s
     (log,) = volumes.glob("*.log")
     flushes = log.read_text().count("(flush)")
     assert dp("deactivate", uri, "7").stdout == b"null\n"
-    assert log.read_text().count("(flush)") == flushes + 1  # the deactivate's flush reached the daemon
+    # The deactivate's flushes reached the daemon: the block device's, then the export's.
+    assert log.read_text().count("(flush)") == flushes + 2
     with open(image, "rb") as f:
         f.seek(1 << 20)
         assert f.read(1000) == b"guest data" * 100
@@ -145,15 +151,15 @@ def test_attach_serves_the_volume_and_deactivate_flushes_it_through_the_export(s
 def test_every_call_is_idempotent_for_two_domains(state_dir, volumes, uri):
     first = dp("attach", uri, "7").json
     assert dp("attach", uri, "7").json == first
-    assert dp("attach", uri, "u0-mirror_abc").json == first  # one daemon serves every domain
+    assert dp("attach", uri, "u0_mirror_vbd_7_xvda").json == first  # one daemon serves every domain
     (daemon,) = daemons(volumes)
     for method in ("activate", "activate", "activate_readonly"):
-        assert dp(method, uri, "7" if method == "activate" else "u0-mirror_abc").stdout == b"null\n"
+        assert dp(method, uri, "7" if method == "activate" else "u0_mirror_vbd_7_xvda").stdout == b"null\n"
     record = json.loads(next(volumes.glob("*.json")).read_text())
-    assert record["domains"] == {"7": "rw", "u0-mirror_abc": "ro"}
+    assert record["domains"] == {"7": "rw", "u0_mirror_vbd_7_xvda": "ro"}
     for _ in range(2):
-        assert dp("deactivate", uri, "u0-mirror_abc").stdout == b"null\n"
-        assert dp("detach", uri, "u0-mirror_abc").stdout == b"null\n"
+        assert dp("deactivate", uri, "u0_mirror_vbd_7_xvda").stdout == b"null\n"
+        assert dp("detach", uri, "u0_mirror_vbd_7_xvda").stdout == b"null\n"
     # The guest still has it: the same daemon still serves.
     assert daemons(volumes) == [daemon] and identity.matches(daemon)
     assert json.loads(next(volumes.glob("*.json")).read_text())["domains"] == {"7": "rw"}

@@ -46,6 +46,12 @@ MIRROR_STALL_TIMEOUT = "TASK_MIRROR_STALL_TIMEOUT"
 (guest writes included) before the mirror cuts it off and fails (default
 5): the longest a frozen target holds a guest write."""
 
+BLOCK_DEVICE = "TASK_BLOCK_DEVICE"
+"""How a volume's kernel block device is made: ``nbd`` (the kernel NBD
+client on the storage daemon's export) or ``fuse-loop`` (its FUSE export
+plus a loop device); unset or anything else: ``nbd`` where ``/dev/nbd0``
+and ``nbd-client`` exist, ``fuse-loop`` otherwise."""
+
 QEMU_STORAGE_DAEMON = "TASK_QEMU_STORAGE_DAEMON"
 """The qemu-storage-daemon executable (default: found on PATH)."""
 

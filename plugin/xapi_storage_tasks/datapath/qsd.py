@@ -19,9 +19,15 @@ start (before or at its exec) reaches the caller's error. The record says
 given its export: a record never seen serving belongs to a start whose
 caller died, and is finished or cleared silently by the next call
 (:func:`finish_start`); a served daemon found dead is reported
-(:class:`~xapi_storage_tasks.wire.errors.StorageDaemonLost`). Signals go only to
-the recorded identity, verified first
+(:class:`~xapi_storage_tasks.wire.errors.StorageDaemonLost`).
+
+Signals go only to the recorded identity, verified first
 (:mod:`xapi_storage_tasks.process.identity`).
+
+The volume's kernel block device (:mod:`xapi_storage_tasks.datapath.blockdev`)
+is made on its NBD export once the daemon serves. The record names how the
+device is made and, once made, the device; it is released before the
+daemon is stopped, and by :func:`forget` whatever became of the daemon.
 
 Before its exec the daemon takes an OFD write lock on byte
 :data:`LOCK_BYTE` of its image and holds it for its whole life (the kernel
@@ -43,6 +49,7 @@ import time
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from xapi_storage_tasks import settings
+from xapi_storage_tasks.datapath import blockdev
 from xapi_storage_tasks.sr import chain
 from xapi_storage_tasks.datapath.volume import Record, Volumes
 from xapi_storage_tasks.process import identity
@@ -71,6 +78,8 @@ class StorageDaemon(NamedTuple):
     ctl: str
     started: float
     served: bool  # a caller saw it serve (and may have handed out its export)
+    blockdev: str = ""  # how its block device is made (blockdev.KINDS); "" for daemons older than devices
+    device: str = ""  # the block device, once made ("/dev/loop3", "/dev/nbd0")
 
     def to_json(self) -> Dict[str, Any]:
         """The JSON object written to ``K.qsd``."""
@@ -79,7 +88,8 @@ class StorageDaemon(NamedTuple):
     @classmethod
     def from_json(cls, obj: Any) -> "StorageDaemon":
         """Parse a record; ValueError naming what is wrong. ``served`` is
-        absent from records older than it: those count as served."""
+        absent from records older than it: those count as served; older
+        ones have no block device either."""
         if not isinstance(obj, dict) or obj.get("version") != VERSION:
             raise ValueError("not a version %d daemon record" % VERSION)
         if not isinstance(obj.get("identity"), dict):
@@ -90,8 +100,11 @@ class StorageDaemon(NamedTuple):
         started, served = obj.get("started"), obj.get("served", True)
         if type(started) not in (int, float) or type(served) is not bool:
             raise ValueError("field 'started' or 'served' is mistyped")
+        how, device = obj.get("blockdev", ""), obj.get("device", "")
+        if how not in blockdev.KINDS + ("",) or not isinstance(device, str):
+            raise ValueError("field 'blockdev' or 'device' is mistyped")
         return cls(obj["identity"], obj["uri"], obj["path"], obj["export"], obj["nbd"], obj["qmp"], obj["ctl"],
-                   float(obj["started"]), served)
+                   float(obj["started"]), served, how, device)
 
 
 def binary() -> str:
@@ -128,13 +141,13 @@ def argv(vols: Volumes, record: Record) -> List[str]:
     """The daemon's command line for the volume: its vetted chain pinned
     (InvalidArguments if the image references what it must not)."""
     paths = sockets(vols, record.key)
-    blockdev = chain.blockdev(chain.vet(record.path, record.driver), NODE)
+    node = chain.blockdev(chain.vet(record.path, record.driver), NODE)
     export = {"type": "nbd", "id": EXPORT, "node-name": NODE, "name": record.key, "writable": True}
     return [
         binary(),
         "--chardev", "socket,path=%s,server=on,wait=off,id=qmp0" % _opt(paths["qmp"]), "--monitor", "chardev=qmp0",
         "--chardev", "socket,path=%s,server=on,wait=off,id=ctl0" % _opt(paths["ctl"]), "--monitor", "chardev=ctl0",
-        "--blockdev", json.dumps(blockdev),
+        "--blockdev", json.dumps(node),
         "--nbd-server", "addr.type=unix,addr.path=%s" % _opt(paths["nbd"]),
         "--export", json.dumps(export),
         "--pidfile", vols.file(record.key, "pid"),
@@ -194,9 +207,18 @@ def log_tail(vols: Volumes, key: str, limit: int = 600) -> str:
     return " | ".join(line.strip() for line in data.decode("utf-8", "replace").splitlines() if line.strip())
 
 
-def forget(vols: Volumes, key: str) -> None:
-    """Remove every file of a daemon that is gone (only our own names),
-    with any temporary record a writer killed midway left."""
+def forget(vols: Volumes, key: str, daemon: Optional[StorageDaemon] = None) -> None:
+    """Release the block device of a daemon that is gone, then remove every
+    file of it (only our own names), with any temporary record a writer
+    killed midway left."""
+    mountpoint = vols.file(key, "fuse")
+    if daemon is not None:
+        blockdev.release(daemon.blockdev, mountpoint, daemon.nbd, daemon.device)
+    blockdev.release(blockdev.FUSE_LOOP, mountpoint, "", "")  # found from the kernel, recorded or not
+    try:
+        os.rmdir(key + ".fuse", dir_fd=vols.fd)
+    except FileNotFoundError:
+        pass
     for suffix in FILES:
         vols.unlink(key + "." + suffix)
     prefix = key + ".qsd.tmp-"
@@ -209,7 +231,7 @@ def lost(vols: Volumes, key: str, daemon: StorageDaemon) -> StorageDaemonLost:
     """The error for a daemon found dead; its files are removed, so the
     next attach starts a fresh one."""
     why = log_tail(vols, key)
-    forget(vols, key)
+    forget(vols, key, daemon)
     return StorageDaemonLost("qemu-storage-daemon of %s (pid %s) is gone%s; guests lost their connection to it"
                       % (daemon.uri, daemon.identity.get("pid"), ": " + why if why else ""))
 
@@ -226,7 +248,7 @@ def _lock_image(path: str) -> None:
     os.set_inheritable(fd, True)
 
 
-def _become_daemon(store_path: str, record: Record, args: List[str], readiness: Readiness) -> None:
+def _become_daemon(store_path: str, record: Record, how: str, args: List[str], readiness: Readiness) -> None:
     """In the detached process: lock the image, record ourselves, then
     exec the daemon; any failure's reason goes to the starter (spawn)."""
     from xapi_storage_tasks.tasks.store import Store
@@ -238,7 +260,7 @@ def _become_daemon(store_path: str, record: Record, args: List[str], readiness: 
     ident = identity.identity()
     assert ident is not None  # this process is alive
     daemon = StorageDaemon(ident, record.uri, record.path, record.key, paths["nbd"], paths["qmp"], paths["ctl"],
-                           time.time(), served=False)
+                           time.time(), served=False, blockdev=how)
     vols.write_json(record.key + ".qsd", daemon.to_json())
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
     log = os.open(record.key + ".log", flags, 0o600, dir_fd=vols.fd)
@@ -250,11 +272,12 @@ def _become_daemon(store_path: str, record: Record, args: List[str], readiness: 
 def start(vols: Volumes, record: Record) -> StorageDaemon:
     """Start the volume's daemon (under its lock, none recorded) and return
     its record once it serves; StorageDaemonFailed saying why otherwise."""
+    how = blockdev.kind()
     args = argv(vols, record)
     forget(vols, record.key)  # leftovers of a daemon that is gone
     readiness = Readiness()
     try:
-        spawn(lambda: _become_daemon(vols.store.path, record, args, readiness), readiness=readiness)
+        spawn(lambda: _become_daemon(vols.store.path, record, how, args, readiness), readiness=readiness)
     finally:
         readiness.close_sender()
     deadline = time.monotonic() + START_TIMEOUT  # one deadline: the exec and the first serving
@@ -278,7 +301,7 @@ def _until_serving(vols: Volumes, key: str, daemon: StorageDaemon, deadline: flo
     while not (os.path.exists(pidfile) and os.path.exists(daemon.nbd)):
         if not alive(daemon):
             why = log_tail(vols, key)
-            forget(vols, key)
+            forget(vols, key, daemon)
             raise StorageDaemonFailed("qemu-storage-daemon for %s exited at start: %s" % (daemon.uri, why or "no message"))
         if time.monotonic() >= deadline:
             stop(vols, key, daemon)
@@ -296,7 +319,7 @@ def finish_start(vols: Volumes, key: str, daemon: StorageDaemon) -> Optional[Sto
     it and return None. Nobody was ever given its export, so nobody lost
     it: no StorageDaemonLost. StorageDaemonFailed only if it would not stop."""
     if not alive(daemon):
-        forget(vols, key)
+        forget(vols, key, daemon)
         return None
     try:
         return _until_serving(vols, key, daemon, time.monotonic() + START_TIMEOUT)
@@ -334,12 +357,33 @@ def mark_fd(pid: int, mark: Tuple[int, int]) -> Optional[int]:
     return None
 
 
+def with_device(vols: Volumes, key: str, daemon: StorageDaemon) -> StorageDaemon:
+    """The serving daemon with its block device made and recorded. An nbd
+    device is recorded before it is connected, a loop device after (one a
+    caller killed midway left is found again by its backing file)."""
+    if not daemon.blockdev:
+        raise StorageDaemonFailed("the storage daemon of %s was started by an earlier version, without a block device:"
+                                  " detach the volume everywhere and attach it again" % daemon.uri)
+    device = daemon.device
+    if daemon.blockdev == blockdev.NBD and not device:
+        device = blockdev.free_nbd()
+        daemon = daemon._replace(device=device)
+        vols.write_json(key + ".qsd", daemon.to_json())
+    made = blockdev.connect(daemon.blockdev, vols.file(key, "fuse"), daemon.nbd, daemon.export, device)
+    if made != daemon.device:
+        daemon = daemon._replace(device=made)
+        vols.write_json(key + ".qsd", daemon.to_json())
+    return daemon
+
+
 def stop(vols: Volumes, key: str, daemon: StorageDaemon) -> bool:
-    """Stop the recorded daemon (SIGTERM: it flushes and exits; SIGKILL
-    after a grace) and remove its files. False if it would not go: its
-    record stays, so a later call finishes the job."""
+    """Stop the recorded daemon, its block device released first (SIGTERM:
+    it flushes and exits; SIGKILL after a grace) and remove its files.
+    False if it would not go: its record stays, so a later call finishes
+    the job."""
     ident = daemon.identity
     if alive(daemon):
+        blockdev.release(daemon.blockdev, vols.file(key, "fuse"), daemon.nbd, daemon.device)
         mark = _mark(vols, key)
         # Which descriptor holds the mark is looked up now, not recorded (a
         # caller killed mid-attach never records it); signal_worker checks
@@ -353,7 +397,7 @@ def stop(vols: Volumes, key: str, daemon: StorageDaemon) -> bool:
             identity.signal_worker(ident, signal.SIGKILL, mark)
             if not identity.wait_gone(ident, 2.0):
                 return False
-    forget(vols, key)
+    forget(vols, key, daemon)
     return True
 
 
@@ -364,6 +408,7 @@ def describe(daemon: StorageDaemon) -> Dict[str, Any]:
 
     ident = daemon.identity
     out: Dict[str, Any] = {"pid": ident.get("pid"), "nbd": daemon.nbd, "export": daemon.export,
+                           "blockdev": daemon.blockdev, "device": daemon.device,
                            "started": daemon.started, "served": daemon.served, "running": alive(daemon)}
     if out["running"]:
         try:

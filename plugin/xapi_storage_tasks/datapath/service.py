@@ -2,19 +2,23 @@
 (their interface functions are in :mod:`xapi_storage_tasks.datapath.api`).
 
 Each volume in use is served by one qemu-storage-daemon
-(:mod:`xapi_storage_tasks.datapath.qsd`) through an NBD export on a Unix
+(:mod:`xapi_storage_tasks.datapath.qsd`) through a kernel block device
+(:mod:`xapi_storage_tasks.datapath.blockdev`) and an NBD export on a Unix
 socket; which domains have it attached or active is durable in the
 volume's record (:mod:`xapi_storage_tasks.datapath.volume`). Every call
 takes the volume's lock (bounded wait), finishes any detach queued
 earlier, then does its part; every call is idempotent.
 
 =================== ==========================================================
-attach              record the domain; start the daemon if none runs; answer
-                    ``{"implementations": [["Nbd", {"uri": "nbd:unix:S:exportname=E"}]]}``
-activate(_readonly) record the domain active (read-write / read-only)
-deactivate          drain the domain's mirror, if one runs (bounded), flush
-                    the volume, record the domain inactive
-detach              forget the domain; stop the daemon after the last one.
+attach              record the domain; start the daemon and make its block
+                    device DEV if none runs; answer ``XenDisk`` (blkback,
+                    ``vbd``, on DEV), ``BlockDevice`` DEV, ``Nbd`` (last)
+activate(_readonly) record the domain active (read-write / read-only); DEV
+                    is writable only while a domain has it read-write
+deactivate          flush DEV, drain the domain's mirror, if one runs
+                    (bounded), flush the volume, record the domain inactive
+detach              forget the domain; after the last one, release DEV and
+                    stop the daemon.
                     Never fails: what it cannot do now is queued, finished by
                     a detached process or by the next call, and logged
 =================== ==========================================================
@@ -27,7 +31,7 @@ from typing import Any, Dict, List, Optional
 import xapi_storage_tasks
 from xapi_storage_tasks import settings
 from xapi_storage_tasks.datapath import mirror as mirrors
-from xapi_storage_tasks.datapath import qsd, schemes
+from xapi_storage_tasks.datapath import blockdev, qsd, schemes
 from xapi_storage_tasks.datapath.session import Locked, apply_queue, detach_locked, drop_mirror, event, finish_queued
 from xapi_storage_tasks.datapath.volume import Mirror, Volumes, check_domain, key_of
 from xapi_storage_tasks.tasks.store import Store
@@ -60,9 +64,11 @@ def query(dbg: str) -> Dict[str, Any]:
 
 
 def diagnostics(dbg: str) -> str:
-    """A readable dump: every volume in use with its domains, its storage
-    daemon (psutil's view of the process) and its mirror, and every running
-    mirror task."""
+    """A readable dump: how block devices are made here (``block_device``,
+    the ``TASK_BLOCK_DEVICE`` setting or its automatic choice), every volume
+    in use with its domains, its storage daemon (psutil's view of the
+    process, its block device) and its mirror, and every running mirror
+    task."""
     import json
 
     from xapi_storage_tasks.tasks import lifecycle
@@ -95,7 +101,7 @@ def diagnostics(dbg: str) -> str:
                 mirrors.append({"task": task.id, "uri": args.get("uri"), "remote": args.get("remote"),
                                 "progress": getattr(task.state, "progress", None), "ready": bool(task.operation.get("ready"))})
     return json.dumps({"plugin": NAME, "version": xapi_storage_tasks.__version__, "state_dir": store.path,
-                       "volumes": volumes, "mirrors": mirrors}, indent=2, sort_keys=True)
+                       "block_device": blockdev.kind(), "volumes": volumes, "mirrors": mirrors}, indent=2, sort_keys=True)
 
 
 # -- Datapath.* ---------------------------------------------------------------------------
@@ -106,8 +112,18 @@ def nbd_uri(daemon: qsd.StorageDaemon) -> str:
     return "nbd:unix:%s:exportname=%s" % (daemon.nbd, daemon.export)
 
 
+def implementations(daemon: qsd.StorageDaemon) -> List[Any]:
+    """What attach answers, the same for every domain: blkback on the block
+    device for a guest, the device itself, and the NBD export last (the
+    toolstack takes the last of a kind)."""
+    return [["XenDisk", {"backend_type": "vbd", "params": daemon.device, "extra": {}}],
+            ["BlockDevice", {"path": daemon.device}],
+            ["Nbd", {"uri": nbd_uri(daemon)}]]
+
+
 def attach(dbg: str, uri: str, domain: str) -> Dict[str, Any]:
-    """Attach the volume for ``domain``: its daemon runs and serves it."""
+    """Attach the volume for ``domain``: its daemon runs and serves it
+    through its block device and its NBD export."""
     vol = schemes.parse(uri)
     check_domain(domain)
     with Locked(vol) as v:
@@ -118,12 +134,13 @@ def attach(dbg: str, uri: str, domain: str) -> Dict[str, Any]:
             v.vols.save(record)  # first: a daemon is never started for nobody
         try:
             daemon = v.serving()
+            v.guard(record, daemon)
         except PluginError:
             if new:
                 record.domains.pop(domain, None)
                 v.vols.save(record)
             raise
-        return {"implementations": [["Nbd", {"uri": nbd_uri(daemon)}]]}
+        return {"implementations": implementations(daemon)}
 
 
 def _activate(uri: str, domain: str, mode: str) -> None:
@@ -133,10 +150,11 @@ def _activate(uri: str, domain: str, mode: str) -> None:
         record = v.record()
         if domain not in record.domains:
             raise NotAttached("volume %s is not attached for domain %s" % (uri, domain))
-        v.serving()
+        daemon = v.serving()
         if record.domains[domain] != mode:
             record.domains[domain] = mode
             v.vols.save(record)
+        v.guard(record, daemon)
 
 
 def activate(dbg: str, uri: str, domain: str) -> None:
@@ -150,8 +168,9 @@ def activate_readonly(dbg: str, uri: str, domain: str) -> None:
 
 
 def deactivate(dbg: str, uri: str, domain: str) -> None:
-    """Deactivate for ``domain``: drain its running mirror first (within
-    ``TASK_MIRROR_DRAIN_TIMEOUT``), then flush the volume. A drain that
+    """Deactivate for ``domain``: flush its block device, so every write
+    acknowledged through it is in the daemon, drain its running mirror
+    (within ``TASK_MIRROR_DRAIN_TIMEOUT``), then flush the volume. A drain that
     fails fails the mirror and this call, with the reason; the domain is
     deactivated anyway. The image may be gone from its directory: the
     daemon still holds it open, and flushes it."""
@@ -162,6 +181,8 @@ def deactivate(dbg: str, uri: str, domain: str) -> None:
         if record is None or record.domains.get(domain, "attached") == "attached":
             return
         daemon = qsd.load(v.vols, v.key)
+        if daemon is not None and daemon.device and qsd.alive(daemon):
+            blockdev.flush(daemon.device, FLUSH_TIMEOUT)
         problem: Optional[str] = None
         mirror = record.mirror
         if mirror is not None and mirror.domain == domain and daemon is not None and mirrors.running_task(v.store, mirror):
@@ -178,6 +199,7 @@ def deactivate(dbg: str, uri: str, domain: str) -> None:
                 error = qsd.lost(v.vols, v.key, daemon)
                 event(v.store, "%s", error)
                 raise error
+            v.guard(record, daemon)
             qsd.flush(daemon, FLUSH_TIMEOUT)
         if problem:
             raise MirrorFailed(problem)

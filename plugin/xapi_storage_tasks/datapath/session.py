@@ -12,7 +12,7 @@ detach runs the same code.
 from typing import Any, Optional
 
 from xapi_storage_tasks.datapath import mirror as mirrors
-from xapi_storage_tasks.datapath import qsd, schemes
+from xapi_storage_tasks.datapath import blockdev, qsd, schemes
 from xapi_storage_tasks.datapath.volume import Mirror, Record, Volumes, canonical, key_of
 from xapi_storage_tasks.tasks import lifecycle, log
 from xapi_storage_tasks.tasks.store import Store
@@ -63,10 +63,11 @@ class Locked:
         return record
 
     def serving(self) -> qsd.StorageDaemon:
-        """The live daemon of the volume, started if none runs. A daemon
-        that served and died is reported (and forgotten, so the next call
-        starts anew); one never seen serving (its starter died midway) is
-        finished or cleared silently: nobody was given its export."""
+        """The live daemon of the volume, started if none runs, with its
+        block device. A daemon that served and died is reported (and
+        forgotten with its device, so the next call starts anew); one never
+        seen serving (its starter died midway) is finished or cleared
+        silently: nobody was given its export."""
         daemon = qsd.load(self.vols, self.key)
         if daemon is not None and not daemon.served:
             pid = daemon.identity.get("pid")
@@ -84,7 +85,17 @@ class Locked:
             error = qsd.lost(self.vols, self.key, daemon)
             event(self.store, "%s", error)
             raise error
-        return daemon
+        made = qsd.with_device(self.vols, self.key, daemon)  # an existing device is found again
+        if made.device != daemon.device:
+            event(self.store, "block device %s (%s) serves %s", made.device, made.blockdev, self.vol.uri)
+        return made
+
+    def guard(self, record: Record, daemon: qsd.StorageDaemon) -> None:
+        """The block device refuses writes unless a domain has the volume
+        active read-write (attached only, or ``activate_readonly`` only:
+        read-only)."""
+        if daemon.device:
+            blockdev.set_readonly(daemon.device, "rw" not in record.domains.values())
 
 
 def apply_queue(vols: Volumes, key: str) -> None:

@@ -15,7 +15,7 @@ store, so never via a symlink), holds for the volume with key ``K``::
 The record is plain versioned JSON::
 
     {"version": 1, "uri": "raw+file:///srv/a.raw", "path": "/srv/a.raw",
-     "driver": "raw", "domains": {"7": "rw", "u0-mirror_x": "attached"},
+     "driver": "raw", "domains": {"7": "rw", "u0_mirror_vbd_7_xvda": "attached"},
      "mirror": {"task": "<id>", "domain": "7", "job": "mirror-...", "node": "target-..."}}
 
 A domain maps to ``attached``, ``rw`` (active) or ``ro`` (active

@@ -1,12 +1,14 @@
-"""A guest for the migration demo and tests: writes random blocks through
-an NBD export (the project's own NBD client) until SIGTERM, every write
-acknowledged before the next. Its count of acknowledged writes is kept in
-COUNT_FILE (so callers can wait for writes to go on) and printed at the end.
+"""A guest for the migration demo and tests: writes random blocks to a
+volume until SIGTERM, every write acknowledged before the next, either
+through a block device (``/dev/...``: with O_DIRECT, as a guest's blkback
+does) or through an NBD export (an NBD URI: the project's own NBD client).
+Its count of acknowledged writes is kept in COUNT_FILE (so callers can
+wait for writes to go on) and printed at the end.
 
-    python3 tools/nbd-guest-writer.py NBD_URI SIZE COUNT_FILE [REPORT]
+    python3 tools/guest-writer.py DEVICE_OR_NBD_URI SIZE COUNT_FILE [REPORT]
 
 With REPORT, it also remembers what it last wrote where and, once stopped,
-reads every such block back through the export and writes a JSON report:
+reads every such block back the same way and writes a JSON report:
 ``{"writes": N, "max_latency": SECONDS, "mismatches": M}`` (its longest
 wait for one acknowledgement, and how many blocks do not read back as it
 last wrote them: 0 when every acknowledged write stuck). SIGUSR1 starts
@@ -14,6 +16,7 @@ the longest wait afresh (to measure from an instant on).
 """
 
 import json
+import mmap
 import os
 import random
 import signal
@@ -39,6 +42,36 @@ def on_usr1(signum: int, frame: object) -> None:
     reset = True
 
 
+class Device:
+    """A block device written with O_DIRECT (aligned buffers), with the
+    NBD client's calls."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+        self.buf = mmap.mmap(-1, 1 << 20)  # page-aligned, as O_DIRECT needs
+
+    def __enter__(self) -> "Device":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+    def pwrite(self, data: bytes, offset: int) -> None:
+        self.buf[:len(data)] = data
+        if os.pwrite(self.fd, memoryview(self.buf)[:len(data)], offset) != len(data):
+            raise OSError("short write at %d" % offset)
+
+    def drain(self) -> None:
+        """O_DIRECT: a write has returned once the device acknowledged it."""
+
+    def flush(self) -> None:
+        os.fsync(self.fd)
+
+    def pread(self, length: int, offset: int) -> bytes:
+        got = os.preadv(self.fd, [memoryview(self.buf)[:length]], offset)
+        return bytes(self.buf[:got])
+
+
 def main(uri: str, size: int, count_file: str, report: str = "") -> None:
     global reset
     signal.signal(signal.SIGTERM, on_term)
@@ -46,7 +79,7 @@ def main(uri: str, size: int, count_file: str, report: str = "") -> None:
     rng = random.Random(os.getpid())
     count, longest = 0, 0.0
     last = {}  # block offset -> the 4 KiB last written there (REPORT only)
-    with Client.connect(uri) as client:
+    with (Device(uri) if uri.startswith("/") else Client.connect(uri)) as client:
         while not stop:
             length = rng.choice((4096, 65536))
             offset = rng.randrange(0, size - length + 1) // BLOCK * BLOCK
