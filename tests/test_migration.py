@@ -79,6 +79,47 @@ def test_both_ends_of_a_storage_migration_leave_the_leaf_identical_to_the_source
     subprocess.run(["qemu-img", "create", "-q", "-f", leaf_format, str(leaf), str(SIZE)], check=True)
     leaf_uri = "%s+file://%s" % (leaf_format, leaf)
 
+    report = migrate(source, destination, tmp_path, uri, leaf_uri)
+    compare = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", leaf_format, str(image), str(leaf)],
+                             capture_output=True, text=True)
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+    finish(source, destination, uri)
+    print("\nmigration (%s leaf): %d guest writes through the block device, then a burst of 64"
+          % (leaf_format, report["writes"]))
+
+
+def test_a_volume_of_a_qcow2_file_sr_migrates_live_into_a_volume_of_another(hosts, tmp_path):
+    """Source and destination are both SRs of this plugin (one per host):
+    the source volume has a snapshot under it (a chain of two) and the
+    guest writes on; the destination is a new volume, as SXM creates it."""
+    source, destination = hosts
+    (tmp_path / "sr1").mkdir()
+    (tmp_path / "sr2").mkdir()
+    srs = []
+    for host, name in ((source, "sr1"), (destination, "sr2")):
+        config = host.call("SR.create", uuid="0d8e6a4c-2b4f-4b0e-9c55-6f6a3e8f9d0" + name[-1],
+                           configuration={"path": str(tmp_path / name)}, name=name, description="")
+        srs.append(host.call("SR.attach", configuration=config))
+    disk = source.call("Volume.create", sr=srs[0], name="root", description="", size=SIZE, sharable=False)
+    uri = disk["uri"][0]
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 9 0 8M", uri[len("qcow2+file://"):]], check=True,
+                   capture_output=True)
+    source.call("Volume.snapshot", sr=srs[0], key=disk["key"])  # a chain of two under the disk
+    leaf = destination.call("Volume.create", sr=srs[1], name="root", description="", size=SIZE, sharable=False)
+    destination.call("Volume.set", sr=srs[1], key=leaf["key"], k="_sm_config_base_mirror", v="x")
+    leaf_uri = destination.call("Volume.stat", sr=srs[1], key=leaf["key"])["uri"][0]
+    report = migrate(source, destination, tmp_path, uri, leaf_uri)
+    compare = subprocess.run(["qemu-img", "compare", "-U", "-f", "qcow2", "-F", "qcow2", uri[len("qcow2+file://"):],
+                              leaf_uri[len("qcow2+file://"):]], capture_output=True, text=True)
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+    destination.call("Volume.unset", sr=srs[1], key=leaf["key"], k="_sm_config_base_mirror")
+    finish(source, destination, uri)
+    print("\nmigration between two qcow2-file SRs: %d guest writes, then a burst of 64" % report["writes"])
+
+
+def migrate(source, destination, tmp_path, uri, leaf_uri):
+    """Both ends of a storage migration of ``uri`` into ``leaf_uri``, as the
+    toolstacks drive them; the guest's report."""
     # The destination: the leaf attached and activated for MIRxxxxxx, then
     # attached again by get_nbd_server (the same answer), whose Nbd the
     # toolstack parses by splitting on ':'.
@@ -128,10 +169,11 @@ def test_both_ends_of_a_storage_migration_leave_the_leaf_identical_to_the_source
     # The destination tears the leaf down, then the source detaches.
     assert destination.dp("deactivate", leaf_uri, LEAF) is None
     assert destination.dp("detach", leaf_uri, LEAF) is None
-    compare = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", leaf_format, str(image), str(leaf)],
-                             capture_output=True, text=True)
-    assert compare.returncode == 0, compare.stdout + compare.stderr
+    return report
+
+
+def finish(source, destination, uri):
+    """The source detaches; nothing of either host is left."""
     assert source.dp("detach", uri, GUEST) is None
     for host in (source, destination):
         assert leftovers(host.state) == {"loops": [], "mounts": [], "processes": []}
-    print("\nmigration (%s leaf): %d guest writes through %s, then a burst of 64" % (leaf_format, report["writes"], device))
