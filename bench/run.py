@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
 
-SUITES = ("calls", "workers", "bench_copy", "bench_daemon", "datapath", "polling")
+SUITES = ("calls", "workers", "bench_copy", "bench_daemon", "datapath", "polling", "volume")
 
 
 def main():

@@ -94,7 +94,7 @@ def test_call_forms_from_the_interface_document(daemon, store):
     with pytest.raises(AttributeError):
         c.Task.frobnicate  # noqa: B018  (the attribute lookup is what raises)
     with pytest.raises(AttributeError):
-        c.Volume  # noqa: B018
+        c.Frobnicator  # noqa: B018  (no such interface)
     assert set(dir(c.Task)) == {"stat", "cancel", "destroy", "ls"}
     assert {"Task", "Data"} <= set(dir(c))
 

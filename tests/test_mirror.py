@@ -202,14 +202,16 @@ def untracked_daemons(state_dir):
     """qemu-storage-daemons serving this state directory that no record names."""
     import psutil
 
-    tracked = set()
-    if (state_dir / "volumes").exists():
-        tracked = {json.loads(p.read_text())["identity"]["pid"] for p in (state_dir / "volumes").glob("*.qsd")}
     found = set()
     for proc in psutil.process_iter(["pid", "name", "cmdline", "status"]):
         if proc.info["name"] == "qemu-storage-daemon" and proc.info["status"] != psutil.STATUS_ZOMBIE \
                 and any(str(state_dir) in arg for arg in proc.info["cmdline"] or ()):
             found.add(proc.info["pid"])
+    # Records after processes: a daemon records itself before it becomes
+    # qemu-storage-daemon, so one found above is recorded by now.
+    tracked = set()
+    if (state_dir / "volumes").exists():
+        tracked = {json.loads(p.read_text())["identity"]["pid"] for p in (state_dir / "volumes").glob("*.qsd")}
     return found - tracked
 
 

@@ -55,7 +55,8 @@ atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, True)
 METHODS = sorted(registry.METHODS)
 ERROR_NAMES = {"Task_does_not_exist", "Task_in_progress", "Task_corrupt", "Invalid_arguments", "Unimplemented",
                "State_directory_invalid", "Internal_error", "Volume_not_attached", "Volume_busy", "Volume_in_use",
-               "Storage_daemon_failed", "Storage_daemon_lost", "Mirror_failed"}
+               "Storage_daemon_failed", "Storage_daemon_lost", "Mirror_failed", "SR_does_not_exist",
+               "Volume_does_not_exist"}
 SLOTS = ("done", "failed", "pending", "copy_done", "copy_pending", "corrupt", "absent")
 ABSENT = "01a222d6-2dae-7d19-96ed-88b4b83c3579"
 # Data.copy with well-typed params is only ever run with this source: its
@@ -152,6 +153,13 @@ def value_for(kind):
     kind = kind.rstrip("?")
     right = {
         "str": st.text(max_size=30),
+        "int": st.one_of(st.integers(), st.integers(-2, 1 << 40)),
+        "bool": st.booleans(),
+        # Never a real directory: an SR.create the fuzzer got right would
+        # make one wherever it pointed (the SR tests make theirs in tmp).
+        "config": st.one_of(
+            st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3).filter(lambda d: "path" not in d),
+            st.fixed_dictionaries({"path": st.sampled_from(["", "relative/sr", "/nonexistent-sr-dir/x"])})),
         "task_id": id_values,
         "operation": st.one_of(st.tuples(tags, id_values).map(list), st.lists(id_values, max_size=3)),
         "blocklist": st.fixed_dictionaries({
@@ -162,6 +170,8 @@ def value_for(kind):
     }[kind]
     if optional:
         right = st.one_of(st.none(), right)
+    if kind == "config":  # junk objects could name a real directory too
+        return st.one_of(right, right, st.one_of(scalars, st.lists(scalars, max_size=3)))
     return st.one_of(right, right, junk)
 
 
@@ -333,6 +343,10 @@ def _result_ok(method, value):
         return isinstance(value, dict) and isinstance(value.get("implementations"), list)
     if kind == "string":
         return isinstance(value, str)
+    if kind == "record":
+        return isinstance(value, dict)
+    if kind == "record_list":
+        return isinstance(value, list) and all(isinstance(v, dict) for v in value)
     if kind == "status":
         return (isinstance(value, dict) and {"failed", "complete"} <= set(value) <= {"failed", "complete", "progress"}
                 and type(value["failed"]) is bool and type(value["complete"]) is bool
