@@ -18,18 +18,11 @@ import sys
 import tempfile
 import time
 
-from harness import BIN, ROOT, bench_env, row
+from datapath import call
+from harness import ROOT, bench_env, row
 
 WRITER = os.path.join(ROOT, "tools", "guest-writer.py")
 SIZE_MIB = 1024
-
-
-def call(method, params, env):
-    proc = subprocess.run([sys.executable, os.path.join(BIN, method), "--json"], input=json.dumps(params).encode(),
-                          capture_output=True, env=env, timeout=300)
-    if proc.returncode != 0:
-        raise RuntimeError("%s failed: %s" % (method, proc.stdout.decode()[-500:]))
-    return json.loads(proc.stdout)
 
 
 def fill(image, mib):

@@ -17,39 +17,20 @@ import time
 
 import pytest
 
-from conftest import BIN, kill_leftover_daemons, leftovers, run_bin
+from conftest import BIN, leftovers, run_bin
+from test_datapath import image, uri, volumes
 from xapi_storage_tasks.process import identity
 
 pytestmark = pytest.mark.skipif(
     any(shutil.which(t) is None for t in ("qemu-storage-daemon", "nbdfuse", "losetup")) or not os.path.exists("/dev/fuse"),
     reason="needs qemu-storage-daemon, nbdfuse (libnbd-bin), losetup and /dev/fuse (make deps)")
 
-SIZE = 16 << 20
 GUEST = "5"
 MIRROR_DP = "u0_mirror_vbd_5_xvda"  # the dom0 mirror dp: attached, never activated
 DOM0_USER = "u0_vbd_0_xvdb"  # xapi's loopback VBD
 DESTINATION = "MIR3fa9c1"  # the leaf on a migration's destination
 NOTHING = {"loops": [], "mounts": [], "processes": []}
-
-
-@pytest.fixture
-def image(tmp_path):
-    path = tmp_path / "disk.raw"
-    with open(path, "wb") as f:
-        f.truncate(SIZE)
-        f.write(b"\xa5" * 65536)
-    return str(path)
-
-
-@pytest.fixture
-def uri(image):
-    return "raw+file://" + image
-
-
-@pytest.fixture
-def volumes(state_dir):
-    yield state_dir / "volumes"
-    kill_leftover_daemons(str(state_dir / "volumes"))
+__all__ = ["image", "uri", "volumes"]  # fixtures, shared with test_datapath
 
 
 def dp(method, uri, domain):
