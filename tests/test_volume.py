@@ -160,6 +160,7 @@ def test_a_vm_lifecycle_as_the_toolstack_drives_it(state_dir, volumes, sr_dir, t
     report = guest.report()
     assert report["mismatches"] == 0, report  # every acknowledged write survived snapshot, merge and resize
     # VM stop.
+    assert call("SR.detach", sr=sr) is None and call("SR.attach", configuration={"path": sr_dir}) == sr
     for method in ("deactivate", "detach"):
         assert run_bin("Datapath." + method, {"dbg": "t", "uri": uri, "domain": GUEST}).stdout == b"null\n"
     # Resize offline; shrinking refused.
@@ -210,6 +211,7 @@ def test_bad_input_gets_named_errors_and_changes_nothing(state_dir, volumes, sr_
     name, why = fails("SR.create", uuid="u", configuration={"path": sr_dir}, name="", description="")
     assert name == "Invalid_arguments" and "already an SR" in why
     assert fails("SR.attach", configuration={"path": missing})[0] == "SR_does_not_exist"
+    assert call("SR.detach", sr=missing) is None  # a PBD unplug goes through, whatever became of the directory
     for size in (0, -1, (1 << 63) - 1, 1 << 62, True):
         assert fails("Volume.create", sr=sr, name="x", description="", size=size, sharable=False)[0] == "Invalid_arguments"
     for key in ("nope", "../../etc/passwd", "0d8e6a4c-2b4f-4b0e-9c55-6f6a3e8f9d99"):

@@ -98,8 +98,8 @@ def sr_attach(dbg: str, configuration: Dict[str, str]) -> str:
 
 
 def sr_detach(dbg: str, sr: str) -> None:
-    """Nothing to undo: an attach keeps nothing open."""
-    SR(sr).close()
+    """Nothing to undo: an attach keeps nothing open or mounted. Never
+    fails (a PBD unplug must go through, even of a directory gone)."""
 
 
 def sr_destroy(dbg: str, sr: str) -> None:
