@@ -6,6 +6,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -244,3 +245,56 @@ def test_retention_zero_keeps_tasks_forever(store, state_dir, monkeypatch):
     monkeypatch.setenv("TASK_RETENTION", "0")
     assert run_bin("Task.stat", {"dbg": "d", "id": old[0]}).json["state"][0] == "Completed"
     assert run_bin("Task.ls", {"dbg": "d"}).json == old
+
+
+def _settle(state_dir, store, monkeypatch):
+    """Cache every listing, however recent the change."""
+    monkeypatch.setattr(store_mod, "IDS_SETTLED", -(10**10))
+
+
+def test_ids_cache_is_used_only_for_the_directory_it_listed(state_dir, monkeypatch):
+    """The listing cache answers only while tasks/ is unchanged since it was
+    listed: a task created or destroyed through the store, or a file put
+    there behind its back, is seen at once; a cache of an earlier boot or a
+    damaged one is ignored."""
+    store = Store(str(state_dir))
+    _settle(state_dir, store, monkeypatch)
+    made = [store.create("a").id for _ in range(3)]
+    assert store.ids() == made
+    cache = os.path.join(str(state_dir), store_mod.IDS_CACHE)
+    assert open(cache).read().splitlines()[2:] == made
+    # Served from the cache: a listdir would fail.
+    monkeypatch.setattr(store_mod.os, "listdir", lambda *a: pytest.fail("listed"))
+    assert store.ids() == made
+    monkeypatch.undo()
+    _settle(state_dir, store, monkeypatch)
+    time.sleep(0.03)  # the settling waived: a change must fall in a later clock tick
+    store.transition(made[0], lambda t: Completed(1.0))
+    store.destroy(made[0])
+    assert store.ids() == made[1:]
+    time.sleep(0.03)
+    extra = store.create("b").id
+    assert store.ids() == made[1:] + [extra]
+    # A file written behind the store's back (as the benches do).
+    time.sleep(0.03)
+    planted = "01" + extra[2:-1] + ("0" if extra[-1] != "0" else "1")
+    with open(os.path.join(str(state_dir), "tasks", planted + ".json"), "w") as f:
+        f.write("{}")
+    assert store.ids() == sorted(made[1:] + [extra, planted])
+    # Another boot's cache, or a damaged one, is not used.
+    want = store.ids()
+    text = open(cache).read()
+    for bad in (text.replace(text.splitlines()[1].split()[0], "0" * 36), text[:-5], text.replace("ids 1", "ids 2"), ""):
+        with open(cache, "w") as f:
+            f.write(bad)
+        assert store.ids() == want
+    store.close()
+
+
+def test_ids_cache_not_written_while_tasks_change(state_dir):
+    """A directory changed within IDS_SETTLED is listed, not cached: a change
+    in the same clock tick could keep its times."""
+    with Store(str(state_dir)) as store:
+        made = store.create("a").id
+        assert store.ids() == [made]
+    assert not os.path.exists(os.path.join(str(state_dir), store_mod.IDS_CACHE))
