@@ -11,6 +11,7 @@ import time
 import pytest
 
 from conftest import SRC
+from xapi_storage_tasks.tasks import listing
 from xapi_storage_tasks.tasks import store as store_mod
 from xapi_storage_tasks.wire.errors import InternalError, TaskDoesNotExist
 from xapi_storage_tasks.tasks.state import Completed, Failed, Pending, TransitionRefused
@@ -249,7 +250,7 @@ def test_retention_zero_keeps_tasks_forever(store, state_dir, monkeypatch):
 
 def _settle(state_dir, store, monkeypatch):
     """Cache every listing, however recent the change."""
-    monkeypatch.setattr(store_mod, "IDS_SETTLED", -(10**10))
+    monkeypatch.setattr(listing, "SETTLED", -(10**10))
 
 
 def test_ids_cache_is_used_only_for_the_directory_it_listed(state_dir, monkeypatch):
@@ -261,10 +262,10 @@ def test_ids_cache_is_used_only_for_the_directory_it_listed(state_dir, monkeypat
     _settle(state_dir, store, monkeypatch)
     made = [store.create("a").id for _ in range(3)]
     assert store.ids() == made
-    cache = os.path.join(str(state_dir), store_mod.IDS_CACHE)
+    cache = os.path.join(str(state_dir), listing.CACHE)
     assert open(cache).read().splitlines()[2:] == made
     # Served from the cache: a listdir would fail.
-    monkeypatch.setattr(store_mod.os, "listdir", lambda *a: pytest.fail("listed"))
+    monkeypatch.setattr(listing.os, "listdir", lambda *a: pytest.fail("listed"))
     assert store.ids() == made
     monkeypatch.undo()
     _settle(state_dir, store, monkeypatch)
@@ -292,9 +293,9 @@ def test_ids_cache_is_used_only_for_the_directory_it_listed(state_dir, monkeypat
 
 
 def test_ids_cache_not_written_while_tasks_change(state_dir):
-    """A directory changed within IDS_SETTLED is listed, not cached: a change
+    """A directory changed within listing.SETTLED is listed, not cached: a change
     in the same clock tick could keep its times."""
     with Store(str(state_dir)) as store:
         made = store.create("a").id
         assert store.ids() == [made]
-    assert not os.path.exists(os.path.join(str(state_dir), store_mod.IDS_CACHE))
+    assert not os.path.exists(os.path.join(str(state_dir), listing.CACHE))

@@ -40,7 +40,7 @@ import time
 from xapi_storage_tasks import settings
 from xapi_storage_tasks.files import jsonfile
 from xapi_storage_tasks.files.dirs import O_NEW, as_internal, open_dir, open_root, unlink
-from xapi_storage_tasks.tasks import index, locks, log
+from xapi_storage_tasks.tasks import index, listing, locks, log
 from xapi_storage_tasks.tasks.record import Task
 from xapi_storage_tasks.tasks.state import Pending, check
 from xapi_storage_tasks.wire import ids
@@ -55,11 +55,6 @@ if TYPE_CHECKING:  # typing stays out of every call
     from xapi_storage_tasks.tasks.state import State
 
 MAX_TASK_FILE = settings.MAX_TASK_FILE
-IDS_CACHE = "ids.list"
-"""The listing cache of ``tasks/`` (see :meth:`Store.ids`), in the root."""
-IDS_HEADER = "xapi-storage-tasks ids 1"
-IDS_SETTLED = 2_000_000_000
-"""ns: ``tasks/`` is listed into the cache only once unchanged this long."""
 TOMBSTONE = ".destroyed"
 """Suffix of a destroyed task's file in ``tmp/``, once it is renamed away."""
 
@@ -99,107 +94,10 @@ class Store:
     # -- reading ------------------------------------------------------------
 
     def ids(self) -> list[str]:
-        """Every task id, oldest first (ids sort by creation time).
-
-        From the listing cache (``ids.list``) when it was made from
-        ``tasks/`` as it is now, else from the directory (and the cache
-        is refreshed once ``tasks/`` has settled): see
-        :meth:`_cached_ids`."""
-        now = time.time_ns()  # before the stat: see _cached_ids
-        tasks = self.dir_fd("tasks")
-        key = self._ids_key(os.fstat(tasks))
-        cached = self._cached_ids(key)
-        if cached is not None:
-            return cached
-        names = os.listdir(tasks)  # only <id>.json lives here
-        names.sort()
-        got = [n[:-5] for n in names]
-        if now - key[1] > IDS_SETTLED:
-            self._cache_ids(key, got)
-        return got
-
-    # The listing cache. A directory's entries change together with its
-    # change time, which only the kernel sets (to the current time, at
-    # each entry added, removed or renamed in or out, its own writes of
-    # task files included), atomically with the change, also across a
-    # crash of the writer. So a listing of ``tasks/`` stamped with the
-    # directory's identity and times, read (fstat) before the listing, is
-    # the directory's exact list as long as those are unchanged, with two
-    # provisos. Times are coarse (a clock tick): a change just after the
-    # stat can keep the same stamp, so a listing is only cached when the
-    # stamp is IDS_SETTLED older than the clock read before the stat (any
-    # later change gets a later stamp). And a crash of the host can lose
-    # directory changes the cache saw (a destroy need not be durable):
-    # the stamp includes the boot id, so a cache of an earlier boot is
-    # never used. The cache is plain text, written atomically and not
-    # fsynced (it is only a cache: lost, it is made again)::
-    #
-    #     xapi-storage-tasks ids 1
-    #     <boot id> <dev> <ino> <mtime ns> <ctime ns> <count>
-    #     <id>
-    #     ...
-
-    def _ids_key(self, st: os.stat_result) -> tuple[int, int, int, int, str]:
-        from xapi_storage_tasks.process import identity
-
-        return (st.st_mtime_ns, max(st.st_mtime_ns, st.st_ctime_ns), st.st_dev, st.st_ino, identity.boot_id())
-
-    @staticmethod
-    def _ids_stamp(key: tuple[int, int, int, int, str], count: int) -> str:
-        mtime, changed, dev, ino, boot = key
-        return "%s\n%s %d %d %d %d %d\n" % (IDS_HEADER, boot, dev, ino, mtime, changed, count)
-
-    def _cached_ids(self, key: tuple[int, int, int, int, str]) -> list[str] | None:
-        """The cached listing if it is ``tasks/``'s for ``key``, else None."""
-        try:
-            fd = os.open(IDS_CACHE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._root)
-        except OSError:
-            return None
-        try:
-            size = os.fstat(fd).st_size
-            data = os.read(fd, size + 1)
-            while len(data) <= size:  # a short read: the rest
-                more = os.read(fd, size + 1 - len(data))
-                if not more:
-                    break
-                data += more
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
-        try:
-            text = data.decode("ascii")
-        except UnicodeDecodeError:
-            return None
-        first = text.find("\n", len(IDS_HEADER) + 1)
-        head = text[: first + 1]
-        if first < 0 or not text.endswith("\n") or not head.startswith(IDS_HEADER + "\n"):
-            return None
-        try:
-            count = int(head.rsplit(" ", 1)[1])
-        except (IndexError, ValueError):
-            return None
-        if head != self._ids_stamp(key, count):
-            return None
-        got = text[first + 1 : -1].split("\n") if count else []
-        return got if len(got) == count else None
-
-    def _cache_ids(self, key: tuple[int, int, int, int, str], got: list[str]) -> None:
-        """Replace the listing cache; best effort (a cache)."""
-        tmp = self.dir_fd("tmp")
-        name = "%s.%d" % (IDS_CACHE, os.getpid())
-        try:
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=tmp)
-            try:
-                data = (self._ids_stamp(key, len(got)) + "".join([i + "\n" for i in got])).encode("ascii")
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-            finally:
-                os.close(fd)
-            os.rename(name, IDS_CACHE, src_dir_fd=tmp, dst_dir_fd=self._root)
-        except (OSError, UnicodeEncodeError):
-            unlink(name, tmp)
+        """Every task id, oldest first (ids sort by creation time): from the
+        listing cache while it is ``tasks/``'s as it is now, else from the
+        directory (see :mod:`xapi_storage_tasks.tasks.listing`)."""
+        return listing.ids(self._root, self.dir_fd("tasks"), self.dir_fd("tmp"))
 
     def pending_ids(self) -> list[str]:
         """Ids marked Pending: the only tasks that can need reconciling."""
