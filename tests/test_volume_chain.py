@@ -39,20 +39,21 @@ def write(nbd, offset, byte, length=4096):
         c.flush()
 
 
-def merging(volumes, image):
-    """A merge is under way: a stream job in the volume's daemon, or a
-    qemu-img rebase of the disk's images."""
-    ctl = list(volumes.glob("*.ctl"))
-    if ctl:
-        from xapi_storage_tasks.volume import live
-
-        try:
-            return any(j["id"].startswith("merge-") and j["status"] != "concluded"
-                       for j in live.run(str(ctl[0]), lambda top: [("query-jobs", None)])[0])
-        except Exception:  # noqa: BLE001 - the daemon is gone
-            return False
+def merging(image):
+    """An offline merge is under way: a qemu-img rebase of the disk's images."""
     stem = os.path.basename(os.path.realpath(image)).split(".")[0]
     return subprocess.run(["pgrep", "-f", "qemu-img rebase.*" + stem], capture_output=True).returncode == 0
+
+
+def started(state_dir, task, victim, image):
+    """The merging task has begun its merge (its log says so), and an
+    offline one has its qemu-img running."""
+    try:
+        with open(state_dir / "logs" / (task + ".log")) as f:
+            begun = "merging image" in f.read()
+    except FileNotFoundError:
+        begun = False
+    return begun and (victim == "daemon" or merging(image))
 
 
 def merged(sr_dir):
@@ -114,12 +115,15 @@ def test_merges_killed_at_random_points_leave_valid_chains_and_finish_later(stat
         from xapi_storage_tasks.tasks.store import Store
 
         with Store(str(state_dir)) as store:
-            # Kill while the merge really runs: its job in the daemon, or its qemu-img.
+            # Kill while the merge really runs: its qemu-img (offline); or,
+            # live, once the task has started the merge and before it ends
+            # (the daemon's QMP is the task's to poll, not the test's).
             deadline = time.monotonic() + 10
-            while not merging(volumes, image) and time.monotonic() < deadline and not store.get(task).state.terminal:
+            while not started(state_dir, task, victim, image) and time.monotonic() < deadline \
+                    and not store.get(task).state.terminal:
                 time.sleep(0.002)
             time.sleep(rng.uniform(0.0, 0.02))
-            running = merging(volumes, image)
+            running = not store.get(task).state.terminal and (victim == "daemon" or merging(image))
             if victim == "task" and running:
                 os.kill(store.get(task).worker["pid"], signal.SIGKILL)
             elif victim == "daemon":
