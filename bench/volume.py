@@ -23,6 +23,7 @@ from harness import ROOT, bench_env, row
 
 WRITER = os.path.join(ROOT, "tools", "guest-writer.py")
 SIZE_MIB = 1024
+MERGE_LIMIT = 600  # seconds: a bound on a hang, not a figure
 
 
 def fill(image, mib):
@@ -53,11 +54,12 @@ def merge_time(sr, key, env, image):
     chain being one image again."""
     t0 = time.monotonic()
     call("Volume.destroy", {"dbg": "b", "sr": sr, "key": key}, env)
-    while True:
+    while time.monotonic() - t0 < MERGE_LIMIT:
         info = subprocess.run(["qemu-img", "info", "-U", "--output=json", image], capture_output=True, check=True)
         if "backing-filename" not in json.loads(info.stdout):
             return time.monotonic() - t0
         time.sleep(0.01)
+    raise RuntimeError("the merge of %s did not finish within %ds" % (key, MERGE_LIMIT))
 
 
 def run(args):
