@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 
-from harness import BIN, SRC, bench_env, row
+from harness import BIN, SRC, bench_env, row, start_server, stop_server
 
 sys.path.insert(0, SRC)
 
@@ -91,15 +91,11 @@ class NbdServer:
 
     def __init__(self, tmp, image, shared=1):
         self.sock = os.path.join(tmp, "nbd%d.sock" % shared)
-        self.proc = subprocess.Popen(["qemu-nbd", "--socket=" + self.sock, "--format=raw", "--export-name=bench",
-                                      "--persistent", "--cache=writeback", "--discard=unmap", "--shared=%d" % shared,
-                                      image])
-        while not os.path.exists(self.sock):
-            time.sleep(0.01)
+        self.proc = start_server(["qemu-nbd", "--socket=" + self.sock, "--format=raw", "--export-name=bench", "--persistent",
+                                  "--cache=writeback", "--discard=unmap", "--shared=%d" % shared, image], self.sock)
 
     def stop(self):
-        self.proc.terminate()
-        self.proc.wait()
+        stop_server(self.proc, self.sock)
 
 
 def run(args):

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 
-from harness import BIN, ROOT, bench_env, row, time_command
+from harness import BIN, ROOT, bench_env, row, start_server, stop_server, time_command
 
 WRITER = os.path.join(ROOT, "tools", "guest-writer.py")
 
@@ -64,19 +64,11 @@ class Target:
         self.image, self.sock = os.path.join(tmp, name + ".raw"), os.path.join(tmp, name + ".sock")
         with open(self.image, "wb") as f:
             f.truncate(mib << 20)
-        self.proc = subprocess.Popen(["qemu-nbd", "-f", "raw", "--socket", self.sock, "-x", "dst", self.image],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while not os.path.exists(self.sock):
-            time.sleep(0.005)
+        self.proc = start_server(["qemu-nbd", "-f", "raw", "--socket", self.sock, "-x", "dst", self.image], self.sock)
         self.uri = "nbd+unix:///dst?socket=" + self.sock
 
     def close(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        for path in (self.image, self.sock):
-            if os.path.exists(path):
-                os.unlink(path)
+        stop_server(self.proc, self.image, self.sock)
 
 
 class Guest:

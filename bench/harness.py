@@ -133,3 +133,26 @@ def write_json(rows, path, meta=None):
     """Results as JSON, for comparing versions."""
     with open(path, "w") as f:
         json.dump({"meta": meta or {}, "rows": rows}, f, indent=1)
+
+
+def start_server(argv, sock, timeout=30.0):
+    """Start a server process and wait (one deadline) for its Unix socket;
+    RuntimeError if it exits or is not listening in time."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(sock):
+        if proc.poll() is not None or time.monotonic() >= deadline:
+            stop_server(proc)
+            raise RuntimeError("%s did not listen on %s" % (argv[0], sock))
+        time.sleep(0.005)
+    return proc
+
+
+def stop_server(proc, *paths):
+    """Kill a server started by :func:`start_server` and remove its files."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    for path in paths:
+        if os.path.exists(path):
+            os.unlink(path)

@@ -34,7 +34,7 @@ import tempfile
 import time
 
 from datapath import call, make_image
-from harness import bench_env, executable, host_python, row
+from harness import bench_env, executable, host_python, row, start_server, stop_server
 
 
 class RateTarget:
@@ -42,18 +42,12 @@ class RateTarget:
 
     def __init__(self, tmp, size, rate):
         self.sock = os.path.join(tmp, "target.sock")
-        self.proc = subprocess.Popen(["nbdkit", "-f", "-U", self.sock, "--filter=rate", "memory", str(size),
-                                      "rate=" + rate], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while not os.path.exists(self.sock):
-            time.sleep(0.005)
+        self.proc = start_server(["nbdkit", "-f", "-U", self.sock, "--filter=rate", "memory", str(size), "rate=" + rate],
+                                 self.sock)
         self.uri = "nbd+unix:///dst?socket=" + self.sock
 
     def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        if os.path.exists(self.sock):
-            os.unlink(self.sock)
+        stop_server(self.proc, self.sock)
 
 
 def _cpu_of_children():
