@@ -132,8 +132,10 @@ def drain(store: Store, ctl: str, mirror: Mirror, timeout: float) -> Optional[st
             task = lifecycle.fail_unless_ended(store, mirror.task, "Mirror drain failed: its worker did not answer in time")
         except PluginError:
             pass  # gone or busy: killing the worker below ends it all the same
+        # Past the deadline already: briefly. A job left (its connection went
+        # with the worker, so it concludes at once) is ended by the next call.
         lifecycle.kill(store, mirror.task)
-        abort(ctl, mirror)
+        abort(ctl, mirror, RESERVE)
     if _succeeded(task.state):
         return None
     why = task.state.message if isinstance(task.state, Failed) else "it ended unexpectedly"
@@ -164,12 +166,12 @@ async def _abort(ctl: str, mirror: Mirror, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     client = await qmp.connect(ctl, "abort", timeout)
     try:
-        await end_job(client, mirror.job, mirror.node, deadline)
+        await _end_job(client, mirror.job, mirror.node, deadline)
     finally:
         await qmp.close(client, max(0.1, deadline - time.monotonic()))
 
 
-async def end_job(client: Any, job: str, node: str, deadline: float) -> None:
+async def _end_job(client: Any, job: str, node: str, deadline: float) -> None:
     """Force-cancel ``job``, wait for it to conclude, dismiss it and delete
     its target ``node``, all by ``deadline`` (asyncio.TimeoutError after)."""
     import asyncio

@@ -65,8 +65,8 @@ class Served:
 
     def chain_nodes(self) -> List[str]:
         """The nodes of the served chain, top first: image ``i`` of the
-        chain its headers describe is node ``i`` (a node's own file name
-        may be stale: snapshots rename images under the daemon)."""
+        chain its headers describe is node ``i`` (the graph's backing edges,
+        from the export's current top)."""
         captured: List[str] = []
 
         def commands(top: str) -> List[qmp.Command]:
