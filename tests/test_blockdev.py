@@ -182,7 +182,7 @@ def test_kills_at_random_points_leave_nothing_after_the_last_detach(state_dir, v
                     os.kill(json.loads(path.read_text())["identity"]["pid"], signal.SIGKILL)
                 except (OSError, ValueError):
                     pass  # gone, or its record half-written: nothing to kill
-        proc.wait()
+        proc.wait(30)
         # Whatever was left: the volume serves through its device again...
         res = dp("attach", uri, GUEST)
         if res.returncode != 0:  # a daemon killed after serving is reported once

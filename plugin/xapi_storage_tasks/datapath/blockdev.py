@@ -42,7 +42,9 @@ from xapi_storage_tasks.wire.errors import StorageDaemonFailed
 NBD = "nbd"
 FUSE_LOOP = "fuse-loop"
 KINDS = (NBD, FUSE_LOOP)
-TOOL_TIMEOUT = 10.0  # losetup, umount, nbd-client, sync, a mount: local, but never unbounded
+TOOL_TIMEOUT = 10.0  # making or flushing a device: local, but never unbounded
+RELEASE_TIMEOUT = 20.0  # taking it down, all of it (loops detached, mounts gone)
+KILL_WAIT = 1.0  # for a tool killed at its deadline to go
 BLKROSET = 0x125D  # _IO(0x12, 93)
 MAX_NBD = 128
 MAX_STACKED = 8  # nbdfuse mounts of one directory a run of killed callers could stack
@@ -57,15 +59,29 @@ def kind() -> str:
     return NBD if os.path.exists("/dev/nbd0") and shutil.which("nbd-client") else FUSE_LOOP
 
 
-def _tool(argv: List[str]) -> str:
-    """Run a tool, bounded; its stdout. StorageDaemonFailed saying why not."""
+def _tool(argv: List[str], deadline: Optional[float] = None) -> str:
+    """Run a tool by ``deadline`` (monotonic; default: TOOL_TIMEOUT from
+    now); its stdout. StorageDaemonFailed saying why not. A tool stuck in
+    the kernel past the deadline (``sync`` or ``losetup --detach`` of a
+    device whose daemon is frozen sleeps where SIGKILL cannot reach) is
+    killed and left behind, never waited for."""
+    deadline = time.monotonic() + TOOL_TIMEOUT if deadline is None else deadline
     try:
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=TOOL_TIMEOUT, check=False)
-    except (OSError, subprocess.TimeoutExpired) as e:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except OSError as e:
         raise StorageDaemonFailed("%s: %s" % (" ".join(argv), e)) from None
+    try:
+        out, err = proc.communicate(timeout=max(0.01, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        try:
+            proc.communicate(timeout=KILL_WAIT)
+        except subprocess.TimeoutExpired:
+            pass  # unkillable for now: it ends when the kernel lets it, reaped by nobody we wait for
+        raise StorageDaemonFailed("%s: did not finish in time" % " ".join(argv)) from None
     if proc.returncode != 0:
-        raise StorageDaemonFailed("%s failed: %s" % (" ".join(argv), proc.stderr.decode("utf-8", "replace").strip()))
-    return proc.stdout.decode("utf-8", "replace").strip()
+        raise StorageDaemonFailed("%s failed: %s" % (" ".join(argv), err.decode("utf-8", "replace").strip()))
+    return out.decode("utf-8", "replace").strip()
 
 
 def _read(path: str) -> str:
@@ -109,22 +125,21 @@ def mounted(mountpoint: str) -> bool:
     return False
 
 
-def _mount(mountpoint: str, socket: str, export: str) -> None:
+def _mount(mountpoint: str, socket: str, export: str, deadline: float) -> None:
     """Mount the export with nbdfuse, detached from the caller, and wait
-    (one deadline) until the mount is there."""
+    (by ``deadline``) until the mount is there."""
     nbdfuse = shutil.which("nbdfuse")
     if nbdfuse is None:
         raise StorageDaemonFailed("nbdfuse not found (Debian: apt-get install libnbd-bin; `make deps` does it)")
     os.makedirs(mountpoint, mode=0o700, exist_ok=True)
     uri = "nbd+unix:///%s?socket=%s" % (urllib.parse.quote(export), urllib.parse.quote(socket))
     args = [nbdfuse, mountpoint, uri]
-    deadline = time.monotonic() + TOOL_TIMEOUT
     readiness = Readiness()
     try:
         spawn(lambda: readiness.exec(args), readiness=readiness)
     finally:
         readiness.close_sender()
-    started, why = readiness.wait(TOOL_TIMEOUT, until_closed=True)
+    started, why = readiness.wait(max(0.0, deadline - time.monotonic()), until_closed=True)
     if started is False:
         raise StorageDaemonFailed("nbdfuse could not be started: %s" % (why or "no message"))
     while not mounted(mountpoint):
@@ -139,9 +154,10 @@ def _loop(mountpoint: str, socket: str, export: str) -> str:
     existing = loops_of(backing(mountpoint))
     if existing:
         return existing[0]
+    deadline = time.monotonic() + TOOL_TIMEOUT  # one for the mount and the loop
     if not mounted(mountpoint):
-        _mount(mountpoint, socket, export)
-    return _tool(["losetup", "--direct-io=on", "--show", "--find", backing(mountpoint)])
+        _mount(mountpoint, socket, export, deadline)
+    return _tool(["losetup", "--direct-io=on", "--show", "--find", backing(mountpoint)], deadline)
 
 
 # -- nbd --------------------------------------------------------------------------------
@@ -187,19 +203,19 @@ def release(how: str, mountpoint: str, socket: str, device: str) -> List[str]:
     again for whoever gets it next; the names released. The FUSE mount
     goes too (its nbdfuse then exits), lazily: a loop device a process
     still holds open keeps its file until it is closed."""
-    done = []
+    done, deadline = [], time.monotonic() + RELEASE_TIMEOUT  # one deadline for all of it
     if how == FUSE_LOOP:
         for loop in loops_of(backing(mountpoint)):
             set_readonly(loop, False)  # the flag outlives the detach: the next user would inherit it
-            _tool(["losetup", "--detach", loop])
+            _tool(["losetup", "--detach", loop], deadline)
             done.append(loop)
         for _ in range(MAX_STACKED):
             if not mounted(mountpoint):
                 break
-            _tool(["umount", "--lazy", mountpoint])
+            _tool(["umount", "--lazy", mountpoint], deadline)
     elif device and _ours(device, socket):
         set_readonly(device, False)
-        _tool(["nbd-client", "-d", device])
+        _tool(["nbd-client", "-d", device], deadline)
         done.append(device)
     return done
 
@@ -217,8 +233,4 @@ def flush(device: str, timeout: Optional[float] = None) -> None:
     """fsync the device (coreutils ``sync DEV``): what the kernel holds is
     written and a flush goes down to the daemon. Bounded: a frozen daemon
     must not hang the caller."""
-    try:
-        subprocess.run(["sync", device], stdin=subprocess.DEVNULL, capture_output=True, check=True,
-                       timeout=timeout or TOOL_TIMEOUT)
-    except (OSError, subprocess.SubprocessError) as e:
-        raise StorageDaemonFailed("flushing %s: %s" % (device, e)) from None
+    _tool(["sync", device], time.monotonic() + (timeout or TOOL_TIMEOUT))
