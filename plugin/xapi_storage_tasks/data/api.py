@@ -57,19 +57,22 @@ def stat(dbg: str, operation: tuple[str, str]) -> State:
     from xapi_storage_tasks.tasks import pacing
     from xapi_storage_tasks.tasks.store import Store
 
+    kind, task_id = operation
     with Store() as store:
-        task_id = _check_kind(store, operation)
-        return pacing.paced(store, task_id, lambda: _status(store, task_id))
+        return pacing.paced(store, task_id, lambda: _status(store, kind, task_id))
 
 
-def _status(store: Store, task_id: str) -> tuple[State, bool]:
-    """The operation's state as of now, and whether it has ended."""
+def _status(store: Store, kind: str, task_id: str) -> tuple[State, bool]:
+    """The operation's state as of now, and whether it has ended; a task
+    of another kind is no such operation (one read of the task file)."""
     import time
 
     from xapi_storage_tasks.tasks import lifecycle
     from xapi_storage_tasks.tasks.state import Completed, Pending
 
     task = lifecycle.reconcile(store, task_id)
+    if task.kind != kind:
+        raise TaskDoesNotExist(task_id)
     if task.kind == "MirrorV1" and isinstance(task.state, Pending) and (task.operation or {}).get("ready"):
         # The job is ready: the existing data is synchronised (mirroring of
         # new writes goes on), which the toolstack reads as complete. From
